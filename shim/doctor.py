@@ -1,0 +1,123 @@
+"""`mps-shim doctor`: each fact about this machine with the reason it matters, as text or JSON."""
+from __future__ import annotations
+
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from mps_shim._version import __version__
+from mps_shim.config import Options
+from mps_shim.device import DeviceFacts, detect
+from mps_shim.plan import PlanError, memory_budget, plan_precision, precision_support
+
+LIBRARIES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets")
+
+
+def _installed(distribution: str) -> str | None:
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def _gib(size: int | None) -> str:
+    return "unknown" if size is None else f"{size / 2**30:.1f} GiB"
+
+
+def diagnose(options: Options) -> dict:
+    facts = detect(options)
+    findings = {
+        "shim_version": __version__,
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},
+        "libraries": {name: _installed(name) for name in LIBRARIES},
+        "device": facts.as_report(),
+        "capabilities": _capabilities(facts),
+        "memory": _memory(facts, options),
+        "precision": _precision(facts, options),
+    }
+    return findings
+
+
+def _capabilities(facts: DeviceFacts) -> dict:
+    capabilities = facts.capabilities
+    if capabilities is None:
+        reason = f"no Apple GPU ({facts.type}); the shim leaves precision and devices to the libraries"
+        return {"mps": False, "reason": reason}
+    bf16_reason = capabilities.bf16_tensor_error or "torch>=2.3 on macOS 14+"
+    return {
+        "mps": True,
+        "bf16_tensors": {"value": capabilities.bf16_tensors, "reason": bf16_reason},
+        "autocast_dtypes": {
+            "value": list(capabilities.autocast_dtypes),
+            "reason": "MPS autocast: fp16 from torch 2.5, bf16 from torch 2.6 on macOS 14",
+        },
+        "loss_scaling": {
+            "value": True,
+            "reason": "torch.amp.GradScaler('mps') works" if capabilities.grad_scaler
+            else "torch.amp.GradScaler('mps') fails before torch 2.8; the shim scales the loss itself",
+        },
+        "fused_adamw": {
+            "value": capabilities.fused_adamw_honours_scaler,
+            "reason": "fused Adam/AdamW on MPS skip overflowed steps from torch 2.13 on",
+        },
+    }
+
+
+def _memory(facts: DeviceFacts, options: Options) -> dict:
+    budget, reason = memory_budget(facts, options.memory_limit)
+    return {
+        "total_bytes": facts.memory_total_bytes,
+        "recommended_max_bytes": facts.recommended_max_bytes,
+        "budget_bytes": budget,
+        "reason": reason,
+    }
+
+
+def _precision(facts: DeviceFacts, options: Options) -> dict:
+    """What the upstream recipe (--bf16 --torch_dtype bfloat16) and an --fp16 run would get here."""
+    choices = {}
+    for label, requested in (("--bf16 --torch_dtype bfloat16", "bf16"), ("--fp16", "fp16")):
+        try:
+            decided = plan_precision(facts, requested, "bfloat16", forced=options.precision)
+            choices[label] = {
+                "chosen": decided.chosen,
+                "weights_dtype": decided.weights_dtype,
+                "loss_scaling": decided.loss_scaling,
+                "reason": decided.reason,
+            }
+        except PlanError as refusal:
+            choices[label] = {"chosen": None, "reason": str(refusal)}
+    choices["supported"] = [p for p in ("bf16", "fp16", "fp32") if precision_support(facts, p) is None]
+    return choices
+
+
+def render(findings: dict) -> str:
+    device = findings["device"]
+    lines = [
+        f"mps-shim {findings['shim_version']} on {findings['machine']['platform']}, "
+        f"Python {findings['machine']['python']}",
+        "libraries: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in findings["libraries"].items()),
+    ]
+    kind = "simulated Apple GPU" if device["simulated"] else device["type"]
+    mac = f", macOS {device['macos']}" if device["macos"] else ""
+    lines.append(f"device: {kind}{mac}, torch {device['torch']} behaviour")
+    capabilities = findings["capabilities"]
+    if not capabilities["mps"]:
+        lines.append(f"capabilities: {capabilities['reason']}")
+    else:
+        for name in ("bf16_tensors", "autocast_dtypes", "loss_scaling", "fused_adamw"):
+            entry = capabilities[name]
+            value = entry["value"]
+            shown = ", ".join(value) or "none" if isinstance(value, list) else ("yes" if value else "no")
+            lines.append(f"{name.replace('_', ' ')}: {shown} ({entry['reason']})")
+    memory = findings["memory"]
+    lines.append(
+        f"memory: {_gib(memory['total_bytes'])} total, {_gib(memory['recommended_max_bytes'])} recommended "
+        f"working set, budget {_gib(memory['budget_bytes'])} ({memory['reason']})"
+    )
+    for label, choice in findings["precision"].items():
+        if label == "supported":
+            continue
+        chosen = choice["chosen"] or "refused"
+        lines.append(f"precision for a run with {label}: {chosen} ({choice['reason']})")
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""Patches and the registry that attaches them when their target module is imported.
+
+Modelled on OpenTelemetry's instrumentors and wrapt's post-import hooks: each module under `patches/` declares one
+`Patch` subclass with the module it targets, the distribution and versions it was written against, and why it
+exists. The registry never imports a target itself: it registers a post-import hook, so a patch attaches the moment
+its target is imported, or at once if it already is. Applying and reverting are idempotent. A target that is missing
+or has moved (an unknown version) gives one warning and the patch is skipped, never a crash.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+from mps_shim.hooks import when_imported
+
+TYPE_CHECKING = False  # typing itself is not imported: `import mps_shim` runs at the start of every process
+if TYPE_CHECKING:
+    from typing import Any, Callable, ClassVar
+
+    from mps_shim.runtime import Runtime
+
+log = logging.getLogger("mps_shim")
+
+# The patch modules, in the order their targets are usually imported. Adding a patch means adding a module here.
+PATCH_MODULES = (
+)
+
+
+class TargetMoved(Exception):
+    """The patch's target is not where this version of the library keeps it."""
+
+
+class Patch:
+    """One patched target. Subclasses set the class attributes and implement `apply` (and `applies` if needed)."""
+
+    target: ClassVar[str]  # the module whose import attaches the patch
+    distribution: ClassVar[str]  # the installed package whose version matters
+    supported: ClassVar[str]  # versions it was written and tested against, a PEP 440 specifier
+    corrects: ClassVar[str]  # the upstream behaviour it corrects, one line
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self._originals: list[tuple[Any, str, Any, bool]] = []
+        self.applied = False
+
+    @property
+    def name(self) -> str:
+        return type(self).__module__.rsplit(".", 1)[-1]
+
+    def applies(self) -> bool:
+        """Whether the plan needs this patch at all (decided from facts, never from the user's script)."""
+        return True
+
+    def apply(self, module) -> None:
+        raise NotImplementedError
+
+    def attribute(self, owner: Any, name: str) -> Any:
+        """The attribute a patch needs, or TargetMoved naming it."""
+        try:
+            return getattr(owner, name)
+        except AttributeError:
+            raise TargetMoved(f"{getattr(owner, '__name__', owner)}.{name}") from None
+
+    def wrap(self, owner: Any, name: str, wrapper: Callable) -> None:
+        """Wrap owner.name with a wrapt wrapper `wrapper(wrapped, instance, args, kwargs)`, to be undone by revert."""
+        import wrapt  # here, not at the top: it is costly to import and only needed once a target is loaded
+
+        self.attribute(owner, name)
+        self._remember(owner, name)
+        wrapt.wrap_function_wrapper(owner, name, wrapper)
+
+    def replace(self, owner: Any, name: str, value: Any) -> None:
+        """Set owner.name to value (a plain attribute, e.g. a dataclass field default), to be undone by revert."""
+        self._remember(owner, name)
+        setattr(owner, name, value)
+
+    def _remember(self, owner: Any, name: str) -> None:
+        # Only what the owner itself holds is restored; an inherited attribute is removed again on revert.
+        had = name in vars(owner)
+        self._originals.append((owner, name, vars(owner).get(name), had))
+
+    def revert(self) -> None:
+        for owner, name, original, had in reversed(self._originals):
+            if had:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
+        self._originals.clear()
+        self.applied = False
+
+    def installed_version(self) -> str | None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version(self.distribution)
+        except PackageNotFoundError:
+            return None
+
+    def version_supported(self) -> bool:
+        from packaging.specifiers import SpecifierSet
+
+        installed = self.installed_version()
+        return installed is not None and SpecifierSet(self.supported, prereleases=True).contains(installed)
+
+
+class Registry:
+    """The patches of one activation; attaches each on its target's import, reverts all on deactivate."""
+
+    def __init__(self, runtime: Runtime, patch_classes: list[type[Patch]] | None = None):
+        self.runtime = runtime
+        if patch_classes is None:
+            patch_classes = [
+                importlib.import_module(f"mps_shim.patches.{name}").PATCH for name in PATCH_MODULES
+            ]
+        self.patches = [cls(runtime) for cls in patch_classes]
+        self.active = False
+
+    def install(self) -> None:
+        self.active = True
+        for target in dict.fromkeys(patch.target for patch in self.patches):
+            when_imported(target, lambda module, target=target: self._on_import(target, module))
+
+    def _on_import(self, target: str, module) -> None:
+        if not self.active:  # a hook left by an earlier activation: hooks cannot be withdrawn, only ignored
+            return
+        for patch in self.patches:
+            if patch.target == target and not patch.applied:
+                self._apply(patch, module)
+
+    def _apply(self, patch: Patch, module) -> None:
+        report = self.runtime.report
+        installed = patch.installed_version()
+        try:
+            if not patch.applies():
+                report.data["patches"][patch.name] = "not needed"
+                return
+            patch.apply(module)
+            patch.applied = True
+            report.data["patches"][patch.name] = "applied"
+            if not patch.version_supported():
+                log.debug("patch %s applied to untested %s %s", patch.name, patch.distribution, installed)
+        except Exception as error:  # a moved target must never crash the user's run
+            patch.revert()
+            report.data["patches"][patch.name] = f"skipped: {error}"
+            reason = "target moved" if isinstance(error, TargetMoved) else type(error).__name__
+            report.note(
+                f"patch {patch.name} skipped on {patch.distribution} {installed}: {reason}: {error}",
+                level=logging.WARNING,
+            )
+
+    def uninstall(self) -> None:
+        self.active = False
+        for patch in self.patches:
+            patch.revert()

@@ -1,0 +1,112 @@
+"""The run report (interface.md section 5) and the one-line-per-change log (section 6).
+
+Every change the shim makes to a user's run goes through `Report.change`, which logs it once at INFO on the
+`mps_shim` logger and records it; events go through `Report.event`. With a report path, the JSON is rewritten after
+each change and event, and at exit, so a crash still leaves a report.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from mps_shim._version import __version__
+
+TYPE_CHECKING = False  # typing itself is not imported: `import mps_shim` runs at the start of every process
+if TYPE_CHECKING:
+    from typing import Any
+
+log = logging.getLogger("mps_shim")
+
+LOG_LEVELS = {"quiet": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+
+
+def configure_logging(level: str) -> None:
+    """One stderr handler on the `mps_shim` logger; records do not also go to the script's root handlers."""
+    if not any(getattr(h, "_mps_shim", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("mps-shim: %(message)s"))
+        handler._mps_shim = True
+        log.addHandler(handler)
+    log.setLevel(LOG_LEVELS[level])
+    log.propagate = False
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+class Report:
+    def __init__(self, path: str | None):
+        self.path = path
+        self.data: dict[str, Any] = {
+            "shim_version": __version__,
+            "active": True,
+            "device": {},
+            "precision": {},
+            "changes": [],
+            "batch": {},
+            "memory": {"budget_bytes": None, "estimated_peak_bytes": None, "measured_peak_bytes": None},
+            "events": [],
+            "patches": {},
+            "notes": [],
+        }
+        self._logged: set[tuple] = set()
+        # A process that only launches others (torchrun's agent, the prefix command) has nothing to report and must
+        # not overwrite the report of the process that trains.
+        self.worth_writing = False
+
+    def change(self, target: str, from_: Any, to: Any, reason: str) -> None:
+        """Record and log one change to the user's run (once per distinct change)."""
+        key = (target, repr(from_), repr(to))
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        self.data["changes"].append(
+            {"target": target, "from": _jsonable(from_), "to": _jsonable(to), "reason": reason}
+        )
+        log.info("%s %s -> %s (%s)", target, _show(from_), _show(to), reason)
+        self.worth_writing = True
+        self.write()
+
+    def event(self, kind: str, detail: str, step: int | None = None, level: int = logging.WARNING) -> None:
+        self.data["events"].append({"kind": kind, "step": step, "detail": detail})
+        log.log(level, "%s%s: %s", kind, "" if step is None else f" at step {step}", detail)
+        self.worth_writing = True
+        self.write()
+
+    def note(self, text: str, level: int = logging.INFO) -> None:
+        """A fact about the run that is not a change (said once), e.g. what could not be set in time."""
+        if text in self.data["notes"]:
+            return
+        self.data["notes"].append(text)
+        log.log(level, "%s", text)
+
+    def update(self, section: str, values: dict[str, Any]) -> None:
+        self.data[section] = {**self.data.get(section, {}), **_jsonable(values)}
+
+    def as_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.data))
+
+    def write(self) -> None:
+        if not self.path or not self.worth_writing:
+            return
+        import tempfile  # only a process that writes a report pays for it
+
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        # Write-then-rename, so a reader (or a crash) never sees half a file.
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".mps-shim-report.")
+        with os.fdopen(handle, "w") as stream:
+            json.dump(self.data, stream, indent=2, ensure_ascii=False)
+        os.replace(temporary, self.path)
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) and value else repr(value)

@@ -1,0 +1,147 @@
+"""Activation: one Runtime per process holds the options, the report, the device facts and the patch registry."""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+
+from mps_shim.config import Options, kill_switch, load_options
+from mps_shim.hooks import when_imported
+from mps_shim.registry import Registry
+from mps_shim.report import Report, configure_logging
+
+TYPE_CHECKING = False  # typing itself is not imported: `import mps_shim` runs at the start of every process
+if TYPE_CHECKING:
+    from typing import Any
+
+    from mps_shim.device import DeviceFacts
+
+log = logging.getLogger("mps_shim")
+
+# Read by torch once, when it loads (matrix C(g)): setting it later, as accelerate does, has no effect.
+FALLBACK_VARIABLE = "PYTORCH_ENABLE_MPS_FALLBACK"
+
+
+class Runtime:
+    def __init__(self, options: Options):
+        self.options = options
+        self.report = Report(options.report)
+        self.registry = Registry(self)
+        self._facts: DeviceFacts | None = None
+        self.simulator = None
+        self.saved_environ: dict[str, str | None] = {}
+
+    @property
+    def facts(self) -> DeviceFacts:
+        if self._facts is None:
+            from mps_shim.device import detect
+
+            self._facts = detect(self.options)
+            self.report.update("device", {**self._facts.as_report(), "distributed": False})
+        return self._facts
+
+    @property
+    def on_mac(self) -> bool:
+        """An Apple GPU, real or simulated, known without importing torch."""
+        return self.options.simulate is not None or (sys.platform == "darwin" and os.uname().machine == "arm64")
+
+    def start(self) -> None:
+        configure_logging(self.options.log_level)
+        if self.on_mac:
+            self._set_before_torch(FALLBACK_VARIABLE, "1", "ops MPS lacks run on the CPU instead of stopping the run")
+        self.registry.install()
+        when_imported("torch", self._on_torch_import)
+
+    def _set_before_torch(self, variable: str, value: str, reason: str) -> None:
+        """Set an environment variable that torch reads only while it loads; say so if that moment has passed."""
+        if os.environ.get(variable) is not None:
+            return  # the user's own setting wins
+        if "torch" in sys.modules:
+            self.report.note(f"{variable} not set: torch was imported before mps_shim ({reason})", logging.WARNING)
+            return
+        self.saved_environ[variable] = None
+        os.environ[variable] = value
+        self.report.change(f"environment {variable}", None, value, reason)
+
+    def _on_torch_import(self, torch) -> None:
+        if _runtime is not self:  # left by an earlier activation
+            return
+        facts = self.facts
+        if not facts.is_mps:
+            self.report.note(
+                f"no Apple GPU here (device: {facts.type}) and no simulation: nothing that changes the numbers of "
+                "this run is changed"
+            )
+        if facts.simulated:
+            from mps_shim.simulate import Simulator
+
+            self.simulator = Simulator(facts, self)
+            self.simulator.install(torch)
+
+    def stop(self) -> None:
+        self.registry.uninstall()
+        if self.simulator is not None:
+            self.simulator.uninstall()
+            self.simulator = None
+        for variable, value in self.saved_environ.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
+        self.report.data["active"] = False
+        self.report.write()
+
+    def at_exit(self) -> None:
+        if self.simulator is not None:
+            self.report.update("memory", {"measured_peak_bytes": self.simulator.peak_bytes})
+        self.report.write()
+
+
+_runtime: Runtime | None = None
+
+
+def current() -> Runtime | None:
+    return _runtime
+
+
+def activate(**options: Any) -> bool:
+    """Switch the shim on in this process (interface.md 2b). Idempotent; returns False under MPS_SHIM=0."""
+    global _runtime
+    if kill_switch():
+        return False
+    resolved = load_options(**options)
+    if _runtime is not None:
+        if _runtime.options == resolved:
+            return True
+        deactivate()
+    _runtime = Runtime(resolved)
+    _runtime.start()
+    return True
+
+
+def deactivate() -> None:
+    """Remove every patch and restore every original object."""
+    global _runtime
+    if _runtime is not None:
+        runtime, _runtime = _runtime, None
+        runtime.stop()
+
+
+def report() -> dict[str, Any]:
+    """The report as it stands now (interface.md section 5)."""
+    if _runtime is None:
+        from mps_shim.report import Report
+
+        inactive = Report(None)
+        inactive.data["active"] = False
+        return inactive.as_dict()
+    if _runtime.options.simulate is not None or "torch" in sys.modules:
+        _runtime.facts  # fills the report's device section
+    return _runtime.report.as_dict()
+
+
+@atexit.register
+def _write_report_at_exit() -> None:
+    if _runtime is not None:
+        _runtime.at_exit()
