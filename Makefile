@@ -27,7 +27,7 @@ $(VENV)/%/.installed: stacks/%.txt stacks/test.txt pyproject.toml setup.py
 	rm -rf $(VENV)/$*
 	$(PYTHON) -m venv $(VENV)/$*
 	$(VENV)/$*/bin/pip install -q --disable-pip-version-check -r stacks/$*.txt
-	$(VENV)/$*/bin/pip install -q --disable-pip-version-check --no-deps -e .
+	$(VENV)/$*/bin/pip install -q --disable-pip-version-check -e .
 	touch $@
 
 clean:

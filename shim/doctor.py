@@ -9,6 +9,7 @@ from mps_shim._version import __version__
 from mps_shim.config import Options
 from mps_shim.device import DeviceFacts, detect
 from mps_shim.plan import PlanError, memory_budget, plan_precision, precision_support
+from mps_shim.report import gib
 
 LIBRARIES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets")
 
@@ -18,10 +19,6 @@ def _installed(distribution: str) -> str | None:
         return version(distribution)
     except PackageNotFoundError:
         return None
-
-
-def _gib(size: int | None) -> str:
-    return "unknown" if size is None else f"{size / 2**30:.1f} GiB"
 
 
 def diagnose(options: Options) -> dict:
@@ -112,8 +109,8 @@ def render(findings: dict) -> str:
             lines.append(f"{name.replace('_', ' ')}: {shown} ({entry['reason']})")
     memory = findings["memory"]
     lines.append(
-        f"memory: {_gib(memory['total_bytes'])} total, {_gib(memory['recommended_max_bytes'])} recommended "
-        f"working set, budget {_gib(memory['budget_bytes'])} ({memory['reason']})"
+        f"memory: {gib(memory['total_bytes'])} total, {gib(memory['recommended_max_bytes'])} recommended "
+        f"working set, budget {gib(memory['budget_bytes'])} ({memory['reason']})"
     )
     for label, choice in findings["precision"].items():
         if label == "supported":

@@ -129,3 +129,11 @@ def memory_budget(facts: DeviceFacts, memory_limit: int | None) -> tuple[int | N
     if facts.is_mps and facts.recommended_max_bytes:
         return facts.recommended_max_bytes, "Metal's recommended working set; past it macOS swaps instead of failing"
     return None, f"no Apple GPU ({facts.type}): no budget is enforced"
+
+
+def safer_precision(facts: DeviceFacts, current: str) -> str | None:
+    """Where a run whose forward keeps producing non-finite losses goes next: fp16 -> bf16 (if the device has it) ->
+    fp32; None when it already is in fp32."""
+    if current == "fp16" and precision_support(facts, "bf16") is None:
+        return "bf16"
+    return "fp32" if current != "fp32" else None

@@ -23,6 +23,16 @@ log = logging.getLogger("mps_shim")
 
 # The patch modules, in the order their targets are usually imported. Adding a patch means adding a module here.
 PATCH_MODULES = (
+    "autocast",
+    "sdpa",
+    "torchrun",
+    "transformers_utils",
+    "hf_argparser",
+    "training_args",
+    "modeling",
+    "trainer",
+    "accelerate_unscale",
+    "peft_loading",
 )
 
 
@@ -47,8 +57,8 @@ class Patch:
     def name(self) -> str:
         return type(self).__module__.rsplit(".", 1)[-1]
 
-    def applies(self) -> bool:
-        """Whether the plan needs this patch at all (decided from facts, never from the user's script)."""
+    def applies(self, module) -> bool:
+        """Whether this machine and this version of the target need the patch (never decided from the user's script)."""
         return True
 
     def apply(self, module) -> None:
@@ -131,7 +141,7 @@ class Registry:
         report = self.runtime.report
         installed = patch.installed_version()
         try:
-            if not patch.applies():
+            if not patch.applies(module):
                 report.data["patches"][patch.name] = "not needed"
                 return
             patch.apply(module)

@@ -108,5 +108,32 @@ class Report:
         os.replace(temporary, self.path)
 
 
+def gib(size: int | None) -> str:
+    return "unknown" if size is None else f"{size / 2**30:.2f} GiB"
+
+
 def _show(value: Any) -> str:
     return value if isinstance(value, str) and value else repr(value)
+
+
+def render_plan(data: dict[str, Any]) -> str:
+    """`mps-shim plan`: every change and the precision, batch and memory plan, as lines a person reads."""
+    precision, batch, memory = data["precision"], data["batch"], data["memory"]
+    lines = ["mps-shim plan (no training was run)"]
+    lines += [f"  change: {c['target']}: {_show(c['from'])} -> {_show(c['to'])} ({c['reason']})" for c in data["changes"]]
+    if precision:
+        lines.append(
+            f"  precision: {precision['chosen']} (asked {precision['requested']}), frozen weights "
+            f"{precision['weights_dtype']}, trainable {precision['trainable_dtype']}, autocast "
+            f"{precision['autocast_dtype']}, loss scaling {'on' if precision['loss_scaling'] else 'off'}: "
+            f"{precision['reason']}"
+        )
+    if batch:
+        lines.append(
+            f"  batch: micro-batch {batch['micro_batch']} x accumulation {batch['gradient_accumulation_steps']} x "
+            f"{batch['world_size']} process(es) = effective {batch['effective_batch']}"
+        )
+    lines.append(
+        f"  memory: estimated peak {gib(memory['estimated_peak_bytes'])} of budget {gib(memory['budget_bytes'])}"
+    )
+    return "\n".join(lines)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from mps_shim.device import DeviceFacts
+    from mps_shim.plan import PrecisionPlan
 
 log = logging.getLogger("mps_shim")
 
@@ -31,6 +32,10 @@ class Runtime:
         self._facts: DeviceFacts | None = None
         self.simulator = None
         self.saved_environ: dict[str, str | None] = {}
+        # The run as far as the patches have seen it; plan.py decides from it.
+        self.requested = {"amp": None, "model_dtype": None, "full_finetuning": False}
+        self.precision: PrecisionPlan | None = None
+        self.loss_scaler = None
 
     @property
     def facts(self) -> DeviceFacts:
@@ -46,12 +51,70 @@ class Runtime:
         """An Apple GPU, real or simulated, known without importing torch."""
         return self.options.simulate is not None or (sys.platform == "darwin" and os.uname().machine == "arm64")
 
+    @property
+    def changes_numbers(self) -> bool:
+        """Whether the shim may change how the run computes: only on an Apple GPU, real or simulated."""
+        return self.facts.is_mps
+
+    def decide_precision(self, **request) -> PrecisionPlan:
+        """(Re)decide the precision from what the run has asked for so far; the report follows."""
+        from mps_shim.plan import plan_precision
+
+        self.requested.update({k: v for k, v in request.items() if v is not None})
+        self.precision = plan_precision(
+            self.facts,
+            self.requested["amp"] or "fp32",
+            self.requested["model_dtype"],
+            forced=self.options.precision,
+            full_finetuning=self.requested["full_finetuning"],
+        )
+        self.report.update("precision", {name: getattr(self.precision, name) for name in self.precision._fields})
+        return self.precision
+
+    def autocast(self):
+        """The autocast context the shim runs the forward under, on the real or the simulated Apple GPU."""
+        import torch
+
+        dtype = getattr(torch, self.precision.autocast_dtype)
+        if self.simulator is not None:
+            return self.simulator.autocast(dtype)
+        return torch.autocast(self.facts.compute_device, dtype=dtype)
+
+    def place(self, model) -> None:
+        """The model is on the device now: the simulated one starts counting its memory and refusing what MPS would."""
+        if self.simulator is not None:
+            self.simulator.adopt(model)
+
+    def fall_back_precision(self, model, step: int | None) -> None:
+        """Move a running model to a safer precision in place: parameters keep their identity, so the optimizer's
+        state, the schedule and the step count carry on."""
+        import torch
+
+        from mps_shim.plan import plan_precision, safer_precision
+
+        before = self.precision
+        safer = safer_precision(self.facts, before.chosen)
+        if safer is None:
+            self.report.event("precision_fallback", "non-finite losses in fp32: nothing safer to fall back to", step)
+            return
+        self.precision = plan_precision(self.facts, safer, self.requested["model_dtype"])
+        self.report.update("precision", {name: getattr(self.precision, name) for name in self.precision._fields})
+        if self.precision.weights_dtype == "float32":
+            model.to(torch.float32)
+        if self.loss_scaler is not None and not self.precision.loss_scaling:
+            self.loss_scaler.dynamic = False
+            self.loss_scaler.scale_value = 1.0
+        self.report.event(
+            "precision_fallback", f"{before.chosen} -> {safer} after repeated non-finite losses in the forward pass",
+            step,
+        )
+
     def start(self) -> None:
         configure_logging(self.options.log_level)
         if self.on_mac:
             self._set_before_torch(FALLBACK_VARIABLE, "1", "ops MPS lacks run on the CPU instead of stopping the run")
+        when_imported("torch", self._on_torch_import)  # first: the patches on torch may need the simulator
         self.registry.install()
-        when_imported("torch", self._on_torch_import)
 
     def _set_before_torch(self, variable: str, value: str, reason: str) -> None:
         """Set an environment variable that torch reads only while it loads; say so if that moment has passed."""

@@ -1,0 +1,47 @@
+"""torch.autocast: a CUDA autocast in a script becomes the Apple GPU's, in a dtype it runs.
+
+Corrects: `torch.autocast("cuda", ...)` / `torch.cuda.amp.autocast(...)` in a script written for NVIDIA do nothing on
+a Mac but warn ("User provided device_type of 'cuda', but CUDA is not available. Disabling"), and a bf16 request on an
+Apple GPU without bf16 autocast is refused (torch < 2.5 errors, 2.5 and macOS 13 disable it). Both become the plan's
+autocast on MPS (on the simulated GPU, the CPU's autocast with the emulated Mac's refusals). Versions: torch 2.0+.
+"""
+from __future__ import annotations
+
+from mps_shim.registry import Patch
+
+
+class AutocastPatch(Patch):
+    target = "torch"  # not torch.amp.autocast_mode: that loads while torch itself is still half-imported
+    distribution = "torch"
+    supported = ">=2.0"
+    corrects = "CUDA autocast in NVIDIA-first scripts; bf16 autocast where MPS lacks it"
+
+    def applies(self, module) -> bool:
+        return self.runtime.changes_numbers
+
+    def apply(self, module) -> None:
+        self.wrap(module.amp.autocast_mode.autocast, "__init__", self._init)
+
+    def _init(self, wrapped, autocast, args, kwargs):
+        import torch
+
+        device_type = kwargs.get("device_type", args[0] if args else None)
+        if device_type not in ("cuda", "mps"):
+            return wrapped(*args, **kwargs)
+        runtime = self.runtime
+        plan = runtime.precision or runtime.decide_precision()
+        dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
+        wanted = plan.autocast_dtype
+        if dtype is not None and wanted is not None and str(dtype).replace("torch.", "") != wanted:
+            runtime.report.change("torch.autocast(dtype=)", str(dtype), wanted, plan.reason)
+        if device_type == "cuda":
+            runtime.report.change("torch.autocast(device_type=)", "cuda", "mps", "no CUDA on a Mac; the Apple GPU")
+        enabled = kwargs.get("enabled", True) and wanted is not None
+        rest = {k: v for k, v in kwargs.items() if k not in ("device_type", "dtype", "enabled")}
+        target_dtype = getattr(torch, wanted) if wanted else torch.float32
+        if enabled and runtime.simulator is not None:
+            enabled = runtime.simulator.autocast_allowed(target_dtype)  # the emulated Mac's refusals
+        return wrapped(runtime.facts.compute_device, dtype=target_dtype, enabled=enabled, **rest)
+
+
+PATCH = AutocastPatch

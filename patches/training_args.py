@@ -1,0 +1,92 @@
+"""TrainingArguments: the run's precision, batch split and CUDA-only options follow the plan, before validation.
+
+Corrects, on an Apple GPU (real or simulated):
+- transformers 4.40-4.41 reject `--bf16`/`--fp16` on MPS inside `__post_init__` ("BF16 Mixed precision training with
+  AMP ... can only be used on CUDA, XPU ..."), 4.52-4.55 reject bf16 ("Your setup doesn't support bf16/gpu."), 4.56+
+  and 5.x reject it below macOS 14; accelerate 0.30-1.10 refuse fp16 on MPS and, with bf16 under transformers 4.x,
+  silently drop autocast. The flags are therefore taken out before validation runs (so argument parsing succeeds on
+  every version) and the shim runs the plan's mixed precision itself; transformers tells accelerate "no" mixed
+  precision (`ACCELERATE_MIXED_PRECISION` in 4.x, `mixed_precision` in 5.x), consistent with that.
+- `--deepspeed` and `--tf32` only work on CUDA: dropped.
+- fused Adam/AdamW on MPS before torch 2.13 ignore a loss scaler's inf checks: `adamw_torch` when the loss is scaled.
+- a `torchrun --nproc_per_node N` collapsed into one process (patches/torchrun.py) multiplies
+  `gradient_accumulation_steps` by N, so the effective batch is the one asked for.
+Versions: transformers 4.40-5.x.
+"""
+from __future__ import annotations
+
+import os
+
+from mps_shim.plan import requested_precision
+from mps_shim.registry import Patch
+
+# Set by patches/torchrun.py when it runs N requested processes as one.
+COLLAPSED_WORLD = "MPS_SHIM_COLLAPSED_WORLD_SIZE"
+FUSED_OPTIMIZERS = ("adamw_torch_fused", "adamw_apex_fused")
+
+
+class TrainingArgumentsPatch(Patch):
+    target = "transformers.training_args"
+    distribution = "transformers"
+    supported = ">=4.40,<6"
+    corrects = "bf16/fp16 rejected or silently dropped on MPS; CUDA-only options; torchrun's processes"
+
+    def apply(self, module) -> None:
+        self.wrap(module.TrainingArguments, "__post_init__", self._post_init)
+
+    def _post_init(self, wrapped, args, positional, kwargs):
+        runtime = self.runtime
+        if runtime.changes_numbers and not getattr(args, "use_cpu", False) and not getattr(args, "no_cuda", False):
+            self._follow_plan(args)
+        result = wrapped(*positional, **kwargs)
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        runtime.report.update(
+            "batch",
+            {
+                "per_device_train_batch_size": args.per_device_train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "world_size": world,
+                "requested_world_size": int(os.environ.get(COLLAPSED_WORLD, world)),
+                "micro_batch": args.per_device_train_batch_size,
+                "effective_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+            },
+        )
+        return result
+
+    def _follow_plan(self, args) -> None:
+        runtime = self.runtime
+        change = runtime.report.change
+        requested = requested_precision(bool(args.bf16), bool(args.fp16))
+        plan = runtime.decide_precision(amp=requested)
+        why = f"{plan.reason}; mps-shim runs {plan.chosen} itself" if plan.autocast_dtype else plan.reason
+        for flag in ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval"):
+            if getattr(args, flag, False):
+                setattr(args, flag, False)
+                change(f"TrainingArguments.{flag}", True, False, why)
+        if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+            change("environment ACCELERATE_MIXED_PRECISION", os.environ["ACCELERATE_MIXED_PRECISION"], "no", why)
+            os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
+        if getattr(args, "deepspeed", None):
+            change("TrainingArguments.deepspeed", args.deepspeed, None, "DeepSpeed needs CUDA")
+            args.deepspeed = None
+        if getattr(args, "tf32", None) is not None:
+            change("TrainingArguments.tf32", args.tf32, None, "TF32 is a CUDA (Ampere) mode")
+            args.tf32 = None
+        capabilities = runtime.facts.capabilities
+        if plan.loss_scaling and args.optim in FUSED_OPTIMIZERS and not capabilities.fused_adamw_honours_scaler:
+            change(
+                "TrainingArguments.optim", args.optim, "adamw_torch",
+                f"fused AdamW on MPS ignores loss-scaler inf checks before torch 2.13 (torch {runtime.facts.torch})",
+            )
+            args.optim = "adamw_torch"
+        world = int(os.environ.get(COLLAPSED_WORLD, "1"))
+        if world > 1:
+            accumulation = args.gradient_accumulation_steps * world
+            change(
+                "TrainingArguments.gradient_accumulation_steps", args.gradient_accumulation_steps, accumulation,
+                f"torchrun's {world} processes run as one on the single Apple GPU; the effective batch is kept",
+            )
+            args.gradient_accumulation_steps = accumulation
+
+
+PATCH = TrainingArgumentsPatch
