@@ -13,6 +13,7 @@ import sys
 import click
 
 from mps_shim.config import ENV, PRECISIONS, ShimConfigError, load_options, parse_option
+from mps_shim.plan import PlanError
 from mps_shim.launcher import LaunchError, exec_program, is_python_script, prepare_environment, run_script
 
 PLAN_ONLY = "MPS_SHIM_PLAN_ONLY"
@@ -102,6 +103,7 @@ def _launch(options: dict, program: str, args: list[str]):
 
         resolved = load_options(**options)
         if not kill_switch():
+            _check_precision_before_launch(resolved)
             prepare_environment(resolved)
         if is_python_script(program):
             import mps_shim
@@ -114,6 +116,16 @@ def _launch(options: dict, program: str, args: list[str]):
     return launch
 
 
+def _check_precision_before_launch(options) -> None:
+    """A forced precision this Mac cannot run is refused here, before the program starts any work."""
+    if options.precision == "auto":
+        return
+    from mps_shim.device import detect
+    from mps_shim.plan import check_forced_precision
+
+    check_forced_precision(detect(options), options.precision)  # detect imports torch only off simulation
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         action = cli.main(args=argv, prog_name="mps-shim", standalone_mode=False)
@@ -121,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             action()
         elif isinstance(action, int):
             sys.exit(action)
-    except ShimConfigError as error:
+    except (ShimConfigError, PlanError) as error:
         click.echo(f"mps-shim: {error}", err=True)
         sys.exit(2)
     except LaunchError as error:

@@ -49,6 +49,13 @@ def precision_support(facts: DeviceFacts, precision: str) -> str | None:
     return None
 
 
+def check_forced_precision(facts: DeviceFacts, forced: str) -> None:
+    """A --precision the device cannot run stops the run before any work, with the reason."""
+    refusal = precision_support(facts, forced) if forced != "auto" else None
+    if refusal:
+        raise PlanError(f"--precision {forced} cannot run on this Mac: {refusal}")
+
+
 def requested_precision(bf16: bool, fp16: bool) -> str:
     if bf16:
         return "bf16"
@@ -79,9 +86,7 @@ def plan_precision(
             f"no Apple GPU (device: {facts.type}): the run keeps the precision it asked for",
         )
     if forced != "auto":
-        refusal = precision_support(facts, forced)
-        if refusal:
-            raise PlanError(f"--precision {forced} cannot run on this Mac: {refusal}")
+        check_forced_precision(facts, forced)
         chosen, reason = forced, f"--precision {forced}"
     else:
         chosen, reason = _best_precision(facts, requested)
