@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # write files only; no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 ALLOCATED_KEY = "memory/allocated_mib"
+DRIVER_KEY = "memory/driver_mib"
 BUDGET_KEY = "memory/budget_mib"
 
 
@@ -76,11 +77,16 @@ def plot(entries, plot_path):
         memory_axis = axes[1][0]
         memory_steps = [entry["step"] for entry in memory_entries]
         memory_axis.plot(memory_steps, [entry[ALLOCATED_KEY] for entry in memory_entries],
-                         marker=".", color="tab:green", label="allocated")
+                         marker=".", color="tab:green", label="allocated by tensors")
+        driver = [(entry["step"], entry[DRIVER_KEY]) for entry in memory_entries if DRIVER_KEY in entry]
+        if driver:
+            memory_axis.plot(*zip(*driver), color="tab:orange", label="held by the allocator")
         budget = [(entry["step"], entry[BUDGET_KEY]) for entry in memory_entries if BUDGET_KEY in entry]
         if budget:
             memory_axis.plot(*zip(*budget), linestyle="--", color="tab:red", label="shim budget")
-        memory_axis.set_ylabel("memory (MiB)")
+        # A log scale: a small model's few MiB and a Mac's budget of many GiB both stay readable.
+        memory_axis.set_yscale("log")
+        memory_axis.set_ylabel("memory (MiB, log scale)")
         memory_axis.legend(loc="best")
         memory_axis.grid(alpha=0.3)
     axes[-1][0].set_xlabel("optimizer step")

@@ -76,10 +76,10 @@ class HfArgumentParserPatch(Patch):
     def _record(self, renamed, kept_aside) -> None:
         change = self.runtime.report.change
         for old, new in renamed:
-            change(f"training argument --{old}", f"--{old}", f"--{new}", "renamed by the installed transformers")
+            change("training argument", f"--{old}", f"--{new}", "renamed by the installed transformers")
         for name in kept_aside:
             change(
-                f"training argument --{name}", f"--{name}", f"attribute {name} only",
+                "training argument", f"--{name}", f"attribute {name} only",
                 "removed by the installed transformers; kept on the parsed arguments for the script to read",
             )
 

@@ -71,7 +71,7 @@ class Report:
         self.data["changes"].append(
             {"target": target, "from": _jsonable(from_), "to": _jsonable(to), "reason": reason}
         )
-        log.info("%s %s -> %s (%s)", target, _show(from_), _show(to), reason)
+        log.info("%s %s -> %s (%s)", target, show_value(from_), show_value(to), reason)
         self.worth_writing = True
         self.write()
 
@@ -89,10 +89,21 @@ class Report:
         log.log(level, "%s", text)
 
     def update(self, section: str, values: dict[str, Any]) -> None:
-        self.data[section] = {**self.data.get(section, {}), **_jsonable(values)}
+        merged = {**self.data.get(section, {}), **_jsonable(values)}
+        if merged != self.data.get(section):
+            self.data[section] = merged
+            self.write()  # e.g. the batch plan, set after the change that caused it: a crash must still leave it
+
+    def document(self) -> dict[str, Any]:
+        """The report as written: `data`, with the keys derived from other sections filled in."""
+        device = self.data.get("device")
+        if not device:
+            return self.data
+        # interface.md section 5 has the budget in `device` as well as in `memory`; one value, kept in `memory`.
+        return {**self.data, "device": {**device, "memory_budget_bytes": self.data["memory"].get("budget_bytes")}}
 
     def as_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self.data))
+        return json.loads(json.dumps(self.document()))
 
     def write(self) -> None:
         if not self.path or not self.worth_writing:
@@ -104,7 +115,7 @@ class Report:
         # Write-then-rename, so a reader (or a crash) never sees half a file.
         handle, temporary = tempfile.mkstemp(dir=folder, prefix=".mps-shim-report.")
         with os.fdopen(handle, "w") as stream:
-            json.dump(self.data, stream, indent=2, ensure_ascii=False)
+            json.dump(self.document(), stream, indent=2, ensure_ascii=False)
         os.replace(temporary, self.path)
 
 
@@ -112,7 +123,8 @@ def gib(size: int | None) -> str:
     return "unknown" if size is None else f"{size / 2**30:.2f} GiB"
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """How a changed value is written in the log: strings as they are, anything else as its repr."""
     return value if isinstance(value, str) and value else repr(value)
 
 
@@ -120,7 +132,7 @@ def render_plan(data: dict[str, Any]) -> str:
     """`mps-shim plan`: every change and the precision, batch and memory plan, as lines a person reads."""
     precision, batch, memory = data["precision"], data["batch"], data["memory"]
     lines = ["mps-shim plan (no training was run)"]
-    lines += [f"  change: {c['target']}: {_show(c['from'])} -> {_show(c['to'])} ({c['reason']})" for c in data["changes"]]
+    lines += [f"  change: {c['target']}: {show_value(c['from'])} -> {show_value(c['to'])} ({c['reason']})" for c in data["changes"]]
     if precision:
         lines.append(
             f"  precision: {precision['chosen']} (asked {precision['requested']}), frozen weights "

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from conftest import EXAMPLE_SFT_DIR
+from mps_shim.report import show_value
 from support import MPS_SHIM, clean_env, read_json, run
 
 PROFILES = {
@@ -69,7 +70,8 @@ def test_recipe_trains_in_the_best_precision_of_the_mac(recipe_runs, precision):
         assert "from_pretrained(torch_dtype=)" in targets  # bf16 weights are only kept where MPS has them
     # every change is logged once, on one line of its own
     for change in report["changes"]:
-        assert sum(line.startswith(f"mps-shim: {change['target']} ") for line in outcome["log"].splitlines()) == 1
+        said = f"mps-shim: {change['target']} {show_value(change['from'])} -> {show_value(change['to'])} ("
+        assert sum(line.startswith(said) for line in outcome["log"].splitlines()) == 1, said
 
     losses = training_losses(outcome["output"])
     assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses)
