@@ -69,8 +69,12 @@ MODEL_SHAPE = dict(
 
 
 def sample_texts(data_dir):
-    """Yield the text of every record of every *.json file under data_dir, in a fixed order."""
-    for path in sorted(data_dir.rglob("*.json")):
+    """Yield the text of every record of the sample data files, in a fixed order.
+
+    Only the data files themselves: running the example leaves token caches (with JSON files of their own) beside
+    them, and the tokenizer must not depend on whether it ran.
+    """
+    for path in sorted([*data_dir.glob("*.json"), *data_dir.glob("sft/*.json")]):
         for record in json.loads(path.read_text(encoding="utf-8")):
             yield TEMPLATE_TEXT
             for key in ("instruction", "input", "output"):
