@@ -12,7 +12,6 @@ machine. Versions: transformers 4.40-5.x.
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 from mps_shim.registry import Patch
@@ -25,6 +24,8 @@ BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": Fal
 
 
 def _field_names(dataclass_types) -> set[str]:
+    import dataclasses  # transformers has loaded it by now; importing it here keeps `import mps_shim` light
+
     return {f.name for cls in dataclass_types if dataclasses.is_dataclass(cls) for f in dataclasses.fields(cls)}
 
 

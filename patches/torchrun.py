@@ -9,10 +9,8 @@ Multi-node runs and `--no-python` are left to torchrun. Versions: torch 2.0+ (`t
 from __future__ import annotations
 
 import os
-import runpy
 import sys
 
-from mps_shim.launcher import run_script
 from mps_shim.patches.training_args import COLLAPSED_WORLD
 from mps_shim.registry import Patch
 
@@ -41,6 +39,10 @@ class TorchrunPatch(Patch):
         self.wrap(module, "run", self._run)
 
     def _run(self, wrapped, instance, args, kwargs):
+        import runpy
+
+        from mps_shim.launcher import run_script
+
         parsed = kwargs.get("args", args[0] if args else None)
         if not single_node(parsed.nnodes) or parsed.no_python:
             return wrapped(*args, **kwargs)

@@ -18,7 +18,6 @@ Versions: transformers 4.40-5.x.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 
@@ -52,6 +51,8 @@ class TrainerPatch(Patch):
     corrects = "Trainer(tokenizer=) gone in 5.0; AMP, loss scaling and fp32 trainables the shim owns on MPS"
 
     def apply(self, module) -> None:
+        import inspect
+
         trainer = module.Trainer
         self.takes_tokenizer = "tokenizer" in inspect.signature(trainer.__init__).parameters
         self.wrap(trainer, "__init__", self._init)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 
-from mps_shim.plan import requested_precision
 from mps_shim.registry import Patch
 
 # Set by patches/torchrun.py when it runs N requested processes as one.
@@ -54,6 +53,8 @@ class TrainingArgumentsPatch(Patch):
         return result
 
     def _follow_plan(self, args) -> None:
+        from mps_shim.plan import requested_precision
+
         runtime = self.runtime
         change = runtime.report.change
         requested = requested_precision(bool(args.bf16), bool(args.fp16))
