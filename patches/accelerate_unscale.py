@@ -16,9 +16,7 @@ class UnscaleGradientsPatch(Patch):
     distribution = "accelerate"
     supported = ">=0.27,<2"
     corrects = "no unscaling before clipping when accelerate does not run fp16 itself"
-
-    def applies(self, module) -> bool:
-        return self.runtime.changes_numbers
+    mac_only = True
 
     def apply(self, module) -> None:
         self.wrap(module.Accelerator, "unscale_gradients", self._unscale_gradients)

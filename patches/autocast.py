@@ -15,9 +15,7 @@ class AutocastPatch(Patch):
     distribution = "torch"
     supported = ">=2.0"
     corrects = "CUDA autocast in NVIDIA-first scripts; bf16 autocast where MPS lacks it"
-
-    def applies(self, module) -> bool:
-        return self.runtime.changes_numbers
+    mac_only = True
 
     def apply(self, module) -> None:
         self.wrap(module.amp.autocast_mode.autocast, "__init__", self._init)

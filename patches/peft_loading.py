@@ -29,9 +29,7 @@ class PeftLoadingPatch(Patch):
     distribution = "peft"
     supported = ">=0.7.1,<1"
     corrects = "integer device_map in PeftModel.from_pretrained; kbit preparation of an unquantized model"
-
-    def applies(self, module) -> bool:
-        return self.runtime.changes_numbers
+    mac_only = True
 
     def apply(self, module) -> None:
         self.wrap(module.PeftModel, "from_pretrained", self._from_pretrained)

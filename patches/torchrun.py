@@ -30,9 +30,7 @@ class TorchrunPatch(Patch):
     distribution = "torch"
     supported = ">=2.0"
     corrects = "torchrun on a Mac trains on the CPU under gloo (accelerate <= 1.12)"
-
-    def applies(self, module) -> bool:
-        return self.runtime.changes_numbers
+    mac_only = True
 
     def apply(self, module) -> None:
         self.get_use_env = self.attribute(module, "get_use_env")

@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 import sys
 
+from mps_shim.config import PLAN_ONLY
 from mps_shim.registry import Patch
 
-PLAN_ONLY = "MPS_SHIM_PLAN_ONLY"
 NON_FINITE_LIMIT = 3  # consecutive non-finite losses before the precision falls back
 
 

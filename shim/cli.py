@@ -12,11 +12,9 @@ import sys
 
 import click
 
-from mps_shim.config import ENV, PRECISIONS, ShimConfigError, load_options, parse_option
-from mps_shim.plan import PlanError
+from mps_shim.config import ENV, PLAN_ONLY, PRECISIONS, ShimConfigError, load_options, parse_option
 from mps_shim.launcher import LaunchError, exec_program, is_python_script, prepare_environment, run_script
-
-PLAN_ONLY = "MPS_SHIM_PLAN_ONLY"
+from mps_shim.plan import PlanError
 
 _OPTION_HELP = {
     "precision": f"Mixed precision: {', '.join(PRECISIONS)} (default auto).",

@@ -24,6 +24,8 @@ ENV = {
     "log_level": "MPS_SHIM_LOG_LEVEL",
 }
 SWITCH = "MPS_SHIM"
+# Set by `mps-shim plan`: patched processes stop where training would start.
+PLAN_ONLY = "MPS_SHIM_PLAN_ONLY"
 
 _SIZE = r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$"
 _UNITS = {"": 1, "b": 1}

@@ -21,19 +21,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mps_shim")
 
-# The patch modules, in the order their targets are usually imported. Adding a patch means adding a module here.
-PATCH_MODULES = (
-    "autocast",
-    "sdpa",
-    "torchrun",
-    "transformers_utils",
-    "hf_argparser",
-    "training_args",
-    "modeling",
-    "trainer",
-    "accelerate_unscale",
-    "peft_loading",
-)
+# Each patch module and the module whose import attaches it (the same target its PATCH declares; a test checks they
+# agree). The registry imports a patch module only when its target is imported, so `import mps_shim` stays cheap.
+# Adding a patch means adding a module and its line here; the order is the order patches on one target apply in.
+PATCH_MODULES = {
+    "autocast": "torch",
+    "sdpa": "torch",
+    "torchrun": "torch.distributed.run",
+    "transformers_utils": "transformers.utils",
+    "hf_argparser": "transformers.hf_argparser",
+    "training_args": "transformers.training_args",
+    "modeling": "transformers.modeling_utils",
+    "trainer": "transformers.trainer",
+    "trainer_memory": "transformers.trainer",
+    "accelerate_unscale": "accelerate.accelerator",
+    "peft_loading": "peft",
+}
 
 
 class TargetMoved(Exception):
@@ -47,6 +50,7 @@ class Patch:
     distribution: ClassVar[str]  # the installed package whose version matters
     supported: ClassVar[str]  # versions it was written and tested against, a PEP 440 specifier
     corrects: ClassVar[str]  # the upstream behaviour it corrects, one line
+    mac_only: ClassVar[bool] = False  # True: only on an Apple GPU (real or simulated); False: on every machine too
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
@@ -59,7 +63,7 @@ class Patch:
 
     def applies(self, module) -> bool:
         """Whether this machine and this version of the target need the patch (never decided from the user's script)."""
-        return True
+        return not self.mac_only or self.runtime.changes_numbers
 
     def apply(self, module) -> None:
         raise NotImplementedError
@@ -118,21 +122,27 @@ class Registry:
 
     def __init__(self, runtime: Runtime, patch_classes: list[type[Patch]] | None = None):
         self.runtime = runtime
-        if patch_classes is None:
-            patch_classes = [
-                importlib.import_module(f"mps_shim.patches.{name}").PATCH for name in PATCH_MODULES
-            ]
-        self.patches = [cls(runtime) for cls in patch_classes]
+        self.patches = [cls(runtime) for cls in patch_classes or ()]
+        # patch modules not imported yet, by name -> target (all of PATCH_MODULES unless the caller chose patches)
+        self._unloaded = dict(PATCH_MODULES) if patch_classes is None else {}
+        self._applied: list[Patch] = []  # in the order they were applied, which is the order of their targets' imports
         self.active = False
 
     def install(self) -> None:
         self.active = True
-        for target in dict.fromkeys(patch.target for patch in self.patches):
+        targets = [*self._unloaded.values(), *(patch.target for patch in self.patches)]
+        for target in dict.fromkeys(targets):
             when_imported(target, lambda module, target=target: self._on_import(target, module))
 
     def _on_import(self, target: str, module) -> None:
         if not self.active:  # a hook left by an earlier activation: hooks cannot be withdrawn, only ignored
             return
+        for name in [name for name, each in self._unloaded.items() if each == target]:
+            del self._unloaded[name]
+            try:
+                self.patches.append(importlib.import_module(f"mps_shim.patches.{name}").PATCH(self.runtime))
+            except Exception as error:  # a broken patch module must not take the user's import down with it
+                self.runtime.report.note(f"patch {name} not loaded: {type(error).__name__}: {error}", logging.WARNING)
         for patch in self.patches:
             if patch.target == target and not patch.applied:
                 self._apply(patch, module)
@@ -146,6 +156,7 @@ class Registry:
                 return
             patch.apply(module)
             patch.applied = True
+            self._applied.append(patch)
             report.data["patches"][patch.name] = "applied"
             if not patch.version_supported():
                 log.debug("patch %s applied to untested %s %s", patch.name, patch.distribution, installed)
@@ -160,5 +171,8 @@ class Registry:
 
     def uninstall(self) -> None:
         self.active = False
-        for patch in self.patches:
+        # Last applied, first reverted: two patches may wrap the same attribute (trainer and trainer_memory both wrap
+        # Trainer.train), and each restores what it found, so only the reverse order ends on the original.
+        for patch in [*reversed(self._applied), *(p for p in self.patches if p not in self._applied)]:
             patch.revert()
+        self._applied.clear()

@@ -113,6 +113,9 @@ class Runtime:
         configure_logging(self.options.log_level)
         if self.on_mac:
             self._set_before_torch(FALLBACK_VARIABLE, "1", "ops MPS lacks run on the CPU instead of stopping the run")
+            from mps_shim.memory import set_watermarks
+
+            set_watermarks(self)  # the memory budget, before torch's allocator reads it (issue 5)
         when_imported("torch", self._on_torch_import)  # first: the patches on torch may need the simulator
         self.registry.install()
 
@@ -141,6 +144,10 @@ class Runtime:
 
             self.simulator = Simulator(facts, self)
             self.simulator.install(torch)
+        if facts.is_mps:
+            from mps_shim.memory import enforce_budget
+
+            enforce_budget(self, torch)
 
     def stop(self) -> None:
         self.registry.uninstall()

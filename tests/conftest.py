@@ -4,12 +4,24 @@ Fixtures of the example (examples/): the paths of the sample SFT data and the ti
 model, built once per test session.
 """
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+# `import mps_shim` activates the shim; the test process itself must stay unpatched (compatibility patches would
+# otherwise change transformers under every in-process test). Tests that want it call mps_shim.activate().
+_switch = os.environ.get("MPS_SHIM")
+os.environ["MPS_SHIM"] = "0"
+import mps_shim  # noqa: E402,F401
+
+if _switch is None:
+    del os.environ["MPS_SHIM"]
+else:
+    os.environ["MPS_SHIM"] = _switch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = REPO_ROOT / "examples"

@@ -1,5 +1,4 @@
 """The simulated Apple GPU (shim/simulate.py), checked with real torch and a real tiny LLaMA."""
-import os
 import re
 import types
 import warnings
@@ -8,19 +7,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-# Importing mps_shim activates it; these tests drive the simulator directly, so the import must not.
-_switch = os.environ.get("MPS_SHIM")
-os.environ["MPS_SHIM"] = "0"
-try:
-    from mps_shim.config import load_options
-    from mps_shim.device import simulated_facts
-    from mps_shim.report import Report
-    from mps_shim.simulate import Simulator, format_size
-finally:
-    if _switch is None:
-        del os.environ["MPS_SHIM"]
-    else:
-        os.environ["MPS_SHIM"] = _switch
+# tests/conftest.py imports mps_shim without activating it (MPS_SHIM=0 for that import).
+from mps_shim.config import load_options
+from mps_shim.device import simulated_facts
+from mps_shim.report import Report
+from mps_shim.simulate import Simulator, format_size
 
 transformers = pytest.importorskip("transformers")
 
