@@ -21,8 +21,10 @@ extrapolate to a configuration not yet measured, and when no measurement is poss
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 from collections import namedtuple
 
 TYPE_CHECKING = False  # typing itself is not imported: this module may load at the start of every shimmed process
@@ -149,8 +151,6 @@ def set_watermarks(runtime) -> None:
 
     When torch is already imported (a notebook, `mps_shim.activate()` late) that moment has passed: one line says so,
     and `enforce_budget` applies the limit through set_per_process_memory_fraction once torch is there."""
-    import sys
-
     options = runtime.options
     facts = runtime.facts if options.simulate is not None else None  # simulated facts need no torch
     recommended = recommended_without_torch(facts)
@@ -159,7 +159,7 @@ def set_watermarks(runtime) -> None:
     budget = options.memory_limit or recommended
     settings, notes = watermark_settings(os.environ, budget, recommended)
     for note in notes:
-        runtime.report.note(note, 30)
+        runtime.report.note(note, logging.WARNING)
     if not settings:
         return
     if "torch" in sys.modules:
@@ -167,7 +167,7 @@ def set_watermarks(runtime) -> None:
         runtime.report.note(
             f"{names} not set: torch was imported before mps_shim; the budget is applied with "
             "torch.mps.set_per_process_memory_fraction instead (torch's default low watermark stays)",
-            30,
+            logging.WARNING,
         )
         return
     for variable, value, reason in settings:
