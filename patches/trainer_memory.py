@@ -93,6 +93,14 @@ class _Piece:
         return self.stop - self.start
 
 
+def inputs_and_caller(wrapped, args, kwargs):
+    """The `inputs` of a training_step/prediction_step call (model, inputs, ...), and a function that makes the same
+    call with other inputs."""
+    if "inputs" in kwargs:
+        return kwargs["inputs"], lambda other: wrapped(*args, **{**kwargs, "inputs": other})
+    return args[1], lambda other: wrapped(*args[:1], other, *args[2:], **kwargs)
+
+
 def batch_rows(inputs) -> int | None:
     """Rows of a batch: the first dimension its tensors share."""
     try:
@@ -425,18 +433,11 @@ class TrainerMemoryPatch(Patch):
         state = getattr(trainer, STATE, None)
         if state is None or not state.hooks:
             return wrapped(*args, **kwargs)
-        args = list(args)
-        in_kwargs = "inputs" in kwargs
-        inputs = kwargs["inputs"] if in_kwargs else args[1]
+        inputs, call = inputs_and_caller(wrapped, args, kwargs)
         rows = batch_rows(inputs)
         if rows is None:
             return wrapped(*args, **kwargs)
         micro = state.micro_batch or rows
-
-        def call(piece_inputs):
-            if in_kwargs:
-                return wrapped(*args, **{**kwargs, "inputs": piece_inputs})
-            return wrapped(*args[:1], piece_inputs, *args[2:], **kwargs)
 
         counts, total_tokens = None, 0
         if rows > micro:  # token counts are needed only to weight chunks; see _counts for a recovery
@@ -550,17 +551,10 @@ class TrainerMemoryPatch(Patch):
 
     def _prediction_step(self, wrapped, trainer, args, kwargs):
         state = self._state(trainer)  # evaluate() may come without train()
-        args = list(args)
-        in_kwargs = "inputs" in kwargs
-        inputs = kwargs["inputs"] if in_kwargs else args[1]
+        inputs, call = inputs_and_caller(wrapped, args, kwargs)
         rows = batch_rows(inputs)
         if rows is None:
             return wrapped(*args, **kwargs)
-
-        def call(piece_inputs):
-            if in_kwargs:
-                return wrapped(*args, **{**kwargs, "inputs": piece_inputs})
-            return wrapped(*args[:1], piece_inputs, *args[2:], **kwargs)
 
         micro = state.eval_micro_batch or rows
         labels = inputs.get("labels") if hasattr(inputs, "get") else None
