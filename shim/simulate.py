@@ -100,10 +100,10 @@ class Simulator:
         # torch reads these variables once, when its allocator starts; so does the simulator.
         self._watermark_env = (os.environ.get(HIGH_WATERMARK_VARIABLE), os.environ.get(LOW_WATERMARK_VARIABLE))
         self._high_ratio = _strtod(self._watermark_env[0], DEFAULT_HIGH_WATERMARK_RATIO)
-        budget = self.budget_bytes
+        # The budget itself is said by the memory guard, which decides it; this line says what is emulated.
         self.runtime.report.note(
-            f"simulated Apple GPU (macOS {self.facts.macos}, torch {self.facts.torch}): memory budget "
-            f"{format_size(budget, self.facts.torch) if budget is not None else 'unknown'}"
+            f"simulated Apple GPU: macOS {self.facts.macos}, torch {self.facts.torch} behaviour, "
+            f"{self.facts.memory_total_bytes / 2**30:g} GiB unified memory; the CPU computes"
         )
 
     def uninstall(self) -> None:
