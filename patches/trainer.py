@@ -99,6 +99,12 @@ class TrainerPatch(Patch):
         scaler = DynamicLossScaler(dynamic=plan.loss_scaling, on_skip=lambda scale: self._skipped(trainer, scale))
         trainer.accelerator.scaler = scaler
         self.runtime.loss_scaler = scaler
+        self.runtime.report.change(
+            "Accelerator.scaler", None,
+            "mps-shim dynamic loss scaler" if plan.loss_scaling else "mps-shim step guard (scale 1)",
+            "fp16 needs loss scaling that works on every accelerate and torch version" if plan.loss_scaling
+            else "a step with non-finite gradients is skipped instead of applied",
+        )
         return result
 
     def _skipped(self, trainer, scale: float) -> None:
