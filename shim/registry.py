@@ -31,6 +31,7 @@ PATCH_MODULES = {
     "transformers_utils": "transformers.utils",
     "hf_argparser": "transformers.hf_argparser",
     "training_args": "transformers.training_args",
+    "bitsandbytes_config": "transformers.utils.quantization_config",
     "modeling": "transformers.modeling_utils",
     "trainer": "transformers.trainer",
     "trainer_memory": "transformers.trainer",

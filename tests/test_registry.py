@@ -305,6 +305,7 @@ DEACTIVATE_SCRIPT = r"""
 import inspect, json, sys
 import torch, transformers, transformers.trainer, accelerate, peft, torch.distributed.run
 import transformers.utils, transformers.hf_argparser, transformers.training_args, transformers.modeling_utils
+import transformers.utils.quantization_config
 import accelerate.accelerator, torch.nn.functional, torch.amp.autocast_mode
 
 MISSING = object()
@@ -315,6 +316,7 @@ modules = [m for name, m in sorted(sys.modules.items())
            and name in (
                "torch", "torch.nn.functional", "torch.amp.autocast_mode", "torch.distributed.run",
                "transformers", "transformers.utils", "transformers.hf_argparser", "transformers.training_args",
+               "transformers.utils.quantization_config",
                "transformers.modeling_utils", "transformers.trainer", "accelerate.accelerator", "peft",
                "peft.peft_model", "peft.utils.other")]
 owners = {}
