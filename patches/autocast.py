@@ -23,15 +23,19 @@ class AutocastPatch(Patch):
     def _init(self, wrapped, autocast, args, kwargs):
         import torch
 
+        from mps_shim.plan import REQUESTED_DTYPES, plan_precision
+
         device_type = kwargs.get("device_type", args[0] if args else None)
         if device_type not in ("cuda", "mps"):
             return wrapped(*args, **kwargs)
         runtime = self.runtime
-        plan = runtime.precision or runtime.decide_precision()
         dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
+        asked = "float16" if dtype is None else str(dtype).replace("torch.", "")  # CUDA's and MPS's default
+        # This call asks for mixed precision in `asked` whatever the Trainer's plan is: decide for it alone.
+        plan = plan_precision(runtime.facts, REQUESTED_DTYPES.get(asked, "fp32"), forced=runtime.options.precision)
         wanted = plan.autocast_dtype
-        if dtype is not None and wanted is not None and str(dtype).replace("torch.", "") != wanted:
-            runtime.report.change("torch.autocast(dtype=)", str(dtype), wanted, plan.reason)
+        if wanted != asked:
+            runtime.report.change("torch.autocast(dtype=)", asked, wanted, plan.reason)
         if device_type == "cuda":
             runtime.report.change("torch.autocast(device_type=)", "cuda", "mps", "no CUDA on a Mac; the Apple GPU")
         enabled = kwargs.get("enabled", True) and wanted is not None

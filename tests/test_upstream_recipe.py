@@ -47,9 +47,13 @@ def recipe_runs(tmp_path_factory, tiny_model_dir, sample_sft_dir, sample_validat
     return run_profile
 
 
-def training_losses(output_dir) -> list[float]:
+def logged(output_dir, key: str) -> list[float]:
     state = json.loads((output_dir / "trainer_state.json").read_text())
-    return [float(entry["loss"]) for entry in state["log_history"] if "loss" in entry]
+    return [float(entry[key]) for entry in state["log_history"] if key in entry]
+
+
+def training_losses(output_dir) -> list[float]:
+    return logged(output_dir, "loss")
 
 
 @pytest.mark.parametrize("precision", list(PROFILES))
@@ -107,5 +111,9 @@ def test_fp16_with_loss_scaling_follows_fp32(recipe_runs):
     fp32, fp16 = training_losses(recipe_runs("fp32")["output"]), training_losses(recipe_runs("fp16")["output"])
     relative = [abs(a - b) / abs(a) for a, b in zip(fp32, fp16)]
     assert max(relative) < 5e-4, relative
+    # Gradients are unscaled before clipping and logging: a scaled one would be 65536 times too large.
+    norms32 = logged(recipe_runs("fp32")["output"], "grad_norm")
+    norms16 = logged(recipe_runs("fp16")["output"], "grad_norm")
+    assert len(norms16) == STEPS and max(abs(a - b) / a for a, b in zip(norms32, norms16)) < 1e-2
     events = recipe_runs("fp16")["report"]["events"]
     assert not [e for e in events if e["kind"] == "overflow_skipped"]
