@@ -69,3 +69,22 @@ def test_impossible_precision_stops_before_training(tmp_path, form):
             "(torch 2.5, macOS 14.5)"
         )
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_torchrun_with_two_processes_runs_one_with_the_same_effective_batch(tmp_path):
+    result, report = train(
+        tmp_path, MODERN_MAC, "--bf16", "--gradient_accumulation_steps", "2",
+        prefix=[MPS_SHIM, "torchrun", "--nnodes", "1", "--nproc_per_node", "2"],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    batch = report["batch"]
+    assert (batch["world_size"], batch["requested_world_size"]) == (1, 2)
+    assert (batch["per_device_train_batch_size"], batch["gradient_accumulation_steps"]) == (4, 4)
+    assert batch["effective_batch"] == 4 * 2 * 2  # per device x accumulation x the two processes asked for
+    assert report["device"]["distributed"] is False
+    accumulation = [c for c in report["changes"] if c["target"] == "TrainingArguments.gradient_accumulation_steps"]
+    assert accumulation == [{
+        "target": "TrainingArguments.gradient_accumulation_steps", "from": 2, "to": 4,
+        "reason": "torchrun's 2 processes run as one on the single Apple GPU; the effective batch is kept",
+    }]
+    assert last_json(result.stdout) == {"finite": True, "steps": 6}
