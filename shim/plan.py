@@ -67,7 +67,6 @@ def plan_precision(
     requested: str,
     model_dtype: str | None = None,
     forced: str = "auto",
-    full_finetuning: bool = False,
 ) -> PrecisionPlan:
     """The precision a run gets.
 
@@ -95,7 +94,7 @@ def plan_precision(
         # Without autocast every weight must share one dtype: fp32 trainable modules (LoRA, modules_to_save) cannot
         # take half-precision activations. The memory plan may still lower frozen weights, with casts around them.
         weights = "fp32"
-    elif full_finetuning or asked_weights in (None, "fp32"):
+    elif asked_weights in (None, "fp32"):
         weights = "fp32"
     else:
         weights = chosen  # half-precision frozen weights in the autocast dtype: what the run asked for, in memory

@@ -18,8 +18,6 @@ if TYPE_CHECKING:
     from mps_shim.device import DeviceFacts
     from mps_shim.plan import PrecisionPlan
 
-log = logging.getLogger("mps_shim")
-
 # Read by torch once, when it loads (matrix C(g)): setting it later, as accelerate does, has no effect.
 FALLBACK_VARIABLE = "PYTORCH_ENABLE_MPS_FALLBACK"
 
@@ -33,7 +31,7 @@ class Runtime:
         self.simulator = None
         self.saved_environ: dict[str, str | None] = {}
         # The run as far as the patches have seen it; plan.py decides from it.
-        self.requested = {"amp": None, "model_dtype": None, "full_finetuning": False}
+        self.requested = {"amp": None, "model_dtype": None}
         self.precision: PrecisionPlan | None = None
         self.loss_scaler = None
 
@@ -66,10 +64,12 @@ class Runtime:
             self.requested["amp"] or "fp32",
             self.requested["model_dtype"],
             forced=self.options.precision,
-            full_finetuning=self.requested["full_finetuning"],
         )
-        self.report.update("precision", {name: getattr(self.precision, name) for name in self.precision._fields})
+        self._record_precision()
         return self.precision
+
+    def _record_precision(self) -> None:
+        self.report.update("precision", {name: getattr(self.precision, name) for name in self.precision._fields})
 
     def autocast(self):
         """The autocast context the shim runs the forward under, on the real or the simulated Apple GPU."""
@@ -98,7 +98,7 @@ class Runtime:
             self.report.event("precision_fallback", "non-finite losses in fp32: nothing safer to fall back to", step)
             return
         self.precision = plan_precision(self.facts, safer, self.requested["model_dtype"])
-        self.report.update("precision", {name: getattr(self.precision, name) for name in self.precision._fields})
+        self._record_precision()
         if self.precision.weights_dtype == "float32":
             model.to(torch.float32)
         if self.loss_scaler is not None and not self.precision.loss_scaling:
@@ -201,8 +201,6 @@ def deactivate() -> None:
 def report() -> dict[str, Any]:
     """The report as it stands now (interface.md section 5)."""
     if _runtime is None:
-        from mps_shim.report import Report
-
         inactive = Report(None)
         inactive.data["active"] = False
         return inactive.as_dict()

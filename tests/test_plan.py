@@ -40,11 +40,6 @@ def test_reason_names_what_is_missing():
     assert "bf16 needs torch>=2.6" in plan.reason and "torch 2.5" in plan.reason and "loss scaling" in plan.reason
 
 
-def test_full_finetuning_keeps_every_weight_fp32():
-    plan = plan_precision(mac("macos=15.1,torch=2.13"), "bf16", "bfloat16", full_finetuning=True)
-    assert (plan.chosen, plan.weights_dtype) == ("bf16", "float32")
-
-
 def test_forced_precision_wins_and_an_impossible_one_is_refused():
     assert plan_precision(mac("macos=15.1,torch=2.13"), "bf16", "bfloat16", forced="fp16").chosen == "fp16"
     assert plan_precision(mac("macos=15.1,torch=2.13"), "bf16", "bfloat16", forced="fp32").chosen == "fp32"
