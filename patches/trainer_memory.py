@@ -31,6 +31,7 @@ import math
 import os
 import sys
 
+from mps_shim.config import PLAN_ONLY
 from mps_shim.memory import (
     CHECKPOINTING,
     FROZEN_DTYPE,
@@ -41,9 +42,11 @@ from mps_shim.memory import (
     activation_bytes,
     choose_split,
     chunk_sizes,
+    config_of,
     diagnosis,
     estimate_peak,
     fitting_sequence,
+    is_checkpointing,
     is_out_of_memory,
     label_tokens,
     model_facts,
@@ -51,7 +54,7 @@ from mps_shim.memory import (
     split_for,
     usable,
 )
-from mps_shim.config import PLAN_ONLY
+from mps_shim.patches.trainer import trainable_parameters
 from mps_shim.registry import Patch
 
 HEADROOM = 0.10  # of the budget, kept free: MPS heap alignment, MPSGraph scratch, fragmentation
@@ -176,10 +179,6 @@ def longest_sequence(dataset, collator=None) -> int | None:
     if multiple:
         longest = int(math.ceil(longest / multiple) * multiple)
     return int(longest) or None
-
-
-def _trainables(model):
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 class TrainerMemoryPatch(Patch):
@@ -328,10 +327,10 @@ class TrainerMemoryPatch(Patch):
 
         model = trainer.model
         device = state.device
-        vocab = model_facts_vocab(model)
+        vocab = int(getattr(config_of(model), "vocab_size", 0) or 0)
         rng = (torch.get_rng_state(), random.getstate(), _numpy_state())
         mode = model.training
-        saved = [(p, p.grad) for p in _trainables(model)]
+        saved = [(p, p.grad) for p in trainable_parameters(model)]
         for parameter, _ in saved:
             parameter.grad = None
         generator = torch.Generator().manual_seed(0)
@@ -423,7 +422,7 @@ class TrainerMemoryPatch(Patch):
     def _hook_gradients(self, trainer, state: _State) -> None:
         """Record which parameters a backward has already given their gradient (see the module docstring)."""
         touched = state.touched
-        for parameter in _trainables(trainer.model):
+        for parameter in trainable_parameters(trainer.model):
             if hasattr(parameter, "register_post_accumulate_grad_hook"):  # torch >= 2.1
                 state.hooks.append(parameter.register_post_accumulate_grad_hook(touched.add))
             else:  # the gradient is complete when this runs; accumulating it allocates nothing
@@ -502,7 +501,7 @@ class TrainerMemoryPatch(Patch):
         report = self.runtime.report
         if piece.rows == 1:
             model = trainer.model
-            if model_facts_checkpointing(model):
+            if is_checkpointing(model):
                 raise RuntimeError(
                     f"mps-shim: out of memory on a single sequence even with gradient checkpointing at step {step}: "
                     f"{error_text}"
@@ -681,19 +680,6 @@ def enable_checkpointing(model) -> None:
         config = getattr(module, "config", None)
         if config is not None and getattr(config, "use_cache", None):
             config.use_cache = False
-
-
-def model_facts_vocab(model) -> int:
-    from mps_shim.memory import _config_of
-
-    config = _config_of(model)
-    return int(getattr(config, "vocab_size", 0) or 0)
-
-
-def model_facts_checkpointing(model) -> bool:
-    from mps_shim.memory import is_checkpointing
-
-    return is_checkpointing(model)
 
 
 def _numpy_state():

@@ -27,6 +27,8 @@ import os
 import sys
 from collections import namedtuple
 
+from mps_shim.report import gib
+
 TYPE_CHECKING = False  # typing itself is not imported: this module may load at the start of every shimmed process
 if TYPE_CHECKING:
     from typing import Any, Callable
@@ -103,7 +105,7 @@ def watermark_settings(
     notes = [note] if note else []
     user_high, user_low = environ.get(HIGH_WATERMARK), environ.get(LOW_WATERMARK)
     reason = (
-        f"memory budget {budget_bytes / 2**30:.2f} GiB: past it the run gets a clean out-of-memory error (which "
+        f"memory budget {gib(budget_bytes)}: past it the run gets a clean out-of-memory error (which "
         "mps-shim recovers from) instead of swapping the machine"
     )
     if user_high is None and user_low is None:
@@ -213,7 +215,7 @@ def enforce_budget(runtime, torch) -> int | None:
         # estimated working set: the fraction call sets the same hard limit at any time.
         MpsMemory(torch).set_fraction(high)
     runtime.report.update("memory", {"budget_bytes": budget})
-    runtime.report.note(f"memory budget {budget / 2**30:.2f} GiB ({reason})")
+    runtime.report.note(f"memory budget {gib(budget)} ({reason})")
     return budget
 
 
@@ -235,7 +237,8 @@ hidden..vocab: the transformer's shape from its config; checkpointing: gradient 
 """
 
 
-def _config_of(model: Any) -> Any:
+def config_of(model: Any) -> Any:
+    """The transformers config of a model, possibly wrapped by peft."""
     for candidate in (model, getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
         config = getattr(candidate, "config", None)
         if config is not None and hasattr(config, "hidden_size"):
@@ -269,7 +272,7 @@ def model_facts(model: Any) -> ModelFacts:
                 frozen32 += size
     for buffer in model.buffers():
         weight += buffer.numel() * buffer.element_size()
-    config = _config_of(model)
+    config = config_of(model)
     hidden = getattr(config, "hidden_size", 0) or 0
     heads = getattr(config, "num_attention_heads", 1) or 1
     return ModelFacts(
