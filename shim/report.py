@@ -94,6 +94,15 @@ class Report:
             self.data[section] = merged
             self.write()  # e.g. the batch plan, set after the change that caused it: a crash must still leave it
 
+    def record_patch(self, name: str, status: str) -> None:
+        """What became of one patch: "applied", "not needed" or "skipped: <why>" (the report's `patches`)."""
+        self.data["patches"][name] = status
+
+    def set_active(self, flag: bool) -> None:
+        """Whether the shim is on in this process (False after `deactivate()`); written at once."""
+        self.data["active"] = bool(flag)
+        self.write()
+
     def document(self) -> dict[str, Any]:
         """The report as written: `data`, with the keys derived from other sections filled in."""
         device = self.data.get("device")
@@ -105,7 +114,11 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self.document()))
 
-    def write(self) -> None:
+    def write(self, always: bool = False) -> None:
+        """Write the report to its path, if it has one. A report without any change or event is written only when
+        `always` (e.g. by `mps-shim plan`), so a process that only launches others leaves nothing."""
+        if always:
+            self.worth_writing = True
         if not self.path or not self.worth_writing:
             return
         import tempfile  # only a process that writes a report pays for it

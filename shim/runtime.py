@@ -202,7 +202,7 @@ def report() -> dict[str, Any]:
     """The report as it stands now (interface.md section 5)."""
     if _runtime is None:
         inactive = Report(None)
-        inactive.data["active"] = False
+        inactive.set_active(False)
         return inactive.as_dict()
     if _runtime.options.simulate is not None or "torch" in sys.modules:
         _runtime.facts  # fills the report's device section
