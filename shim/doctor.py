@@ -3,30 +3,39 @@ from __future__ import annotations
 
 import platform
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 from mps_shim._version import __version__
 from mps_shim.config import Options
 from mps_shim.device import DeviceFacts, detect
 from mps_shim.plan import PlanError, memory_budget, plan_precision, precision_support
 from mps_shim.report import gib
+from mps_shim.versions import TESTED_RANGES, installed_version, out_of_range_lines
 
 LIBRARIES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets")
-
-
-def _installed(distribution: str) -> str | None:
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return None
+NO_TORCH = (
+    'torch is not installed, so there is no device to probe (mps-shim does not install it: `pip install torch`, or '
+    '`pip install "mps-shim[stack]"` for the tested stack)'
+)
 
 
 def diagnose(options: Options) -> dict:
-    facts = detect(options)
+    # The installed distributions, not imported: doctor must not import torch or transformers (under simulation it
+    # imports neither), and no script's own copy of a library is in play here.
+    libraries = {name: installed_version(name) for name in LIBRARIES}
     findings = {
         "shim_version": __version__,
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},
-        "libraries": {name: _installed(name) for name in LIBRARIES},
+        "libraries": libraries,
+        "tested_ranges": dict(TESTED_RANGES),
+        # one sentence per installed library outside its tested range; empty when all are in range or absent
+        "outside_tested_range": out_of_range_lines(libraries),
+    }
+    if libraries["torch"] is None and options.simulate is None:
+        # torch is not a dependency of mps-shim: without it there is no device to ask and no plan to make.
+        findings.update(device=None, capabilities={"mps": None, "reason": NO_TORCH}, memory=None, precision=None)
+        return findings
+    facts = detect(options)
+    findings |= {
         "device": facts.as_report(),
         "capabilities": _capabilities(facts),
         "memory": _memory(facts, options),
@@ -94,7 +103,11 @@ def render(findings: dict) -> str:
         f"mps-shim {findings['shim_version']} on {findings['machine']['platform']}, "
         f"Python {findings['machine']['python']}",
         "libraries: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in findings["libraries"].items()),
+        *findings["outside_tested_range"],
     ]
+    if device is None:
+        lines.append(f"device: unknown: {findings['capabilities']['reason']}")
+        return "\n".join(lines)
     kind = "simulated Apple GPU" if device["simulated"] else device["type"]
     mac = f", macOS {device['macos']}" if device["macos"] else ""
     lines.append(f"device: {kind}{mac}, torch {device['torch']} behaviour")
