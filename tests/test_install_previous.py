@@ -29,7 +29,10 @@ PINS = {
 ENVIRONMENT = Path(PREVIOUS).parent.parent
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "shim", "patches")
 SCRIPT = REPO / "tests" / "scripts" / "plain_trainer.py"
-VERSIONS = "import importlib.metadata as m, json; print(json.dumps({d.metadata['Name'].lower(): d.version for d in m.distributions()}))"
+VERSIONS = (
+    "import importlib.metadata as m, json\n"
+    "print(json.dumps({d.metadata['Name'].lower(): d.version for d in m.distributions()}))\n"
+)
 
 
 def previous(*args, **kwargs):
@@ -56,7 +59,8 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def install(source):
-    """`pip install SOURCE` into the previous stack without mps-shim: (versions before, pip's result, versions after)."""
+    """`pip install SOURCE` into the previous stack without mps-shim: (versions before, pip's result, versions
+    after)."""
     previous("-m", "pip", "uninstall", "-y", "-q", "mps-shim", timeout=300)  # from an earlier run of this file
     before = installed()
     result = previous("-m", "pip", "install", "--no-input", source, env=clean_env(PIP_DISABLE_PIP_VERSION_CHECK="1"),

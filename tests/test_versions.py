@@ -51,7 +51,8 @@ def test_the_stack_extra_of_pyproject_declares_exactly_the_tested_ranges():
     assert extra == {name: SpecifierSet(spec) for name, spec in TESTED_RANGES.items()}
     # and none of the patched libraries is a hard dependency: `pip install mps-shim` never moves them
     hard = {Requirement(line).name for line in project["dependencies"]}
-    assert hard == {"wrapt", "click", "psutil", "packaging"}
+    assert hard.isdisjoint(TESTED_RANGES), hard
+    assert {"wrapt", "click", "psutil", "packaging"} <= hard  # what the shim imports whatever the stack
 
 
 @pytest.mark.parametrize("stack", STACKS)
