@@ -3,8 +3,8 @@
     .venv/current/bin/python benchmarks/memory_overhead.py [--repeats 5] [--steps 10] [--no-example] [--json PATH]
 
 1. overhead: the per-step time of the same training run (a small LLaMA with LoRA and modules_to_save, fp32) with the
-   shim's memory layer (patches/trainer_memory.py: split/recovery wrapper, gradient hooks, cache policy, memory in
-   the logs) against the same shim without it, runs interleaved, median step time after warm-up, fastest run of each. Goal <= 1.02.
+   shim's memory layer (shim/memory_guard.py: preflight, split/recovery, gradient hooks, cache policy, memory in
+   the logs) against the same shim with the guard reduced to pass-throughs, runs interleaved, median step time after warm-up, fastest run of each. Goal <= 1.02.
    For information, the whole shim on the simulated GPU against no shim at all on the CPU: that ratio is dominated by
    the simulator's per-op accounting (a TorchDispatchMode in Python), which a real Mac does not have.
 2. recovery: a run that must recover (its data's longest sequence is unknown before training, so the first batch runs
@@ -107,16 +107,36 @@ class StepTimes(transformers.TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+PASS_THROUGH = {
+    "before_train": lambda self, trainer: None,
+    "after_train": lambda self: None,
+    "training_step": lambda self, trainer, call, inputs: call(inputs),
+    "weight_loss": lambda self, trainer, result, num_items: result,
+    "add_to_logs": lambda self, trainer, logs: None,
+}
+
+
 def one_run(mode, steps, dataset, per_device=8, accumulation=2, limit=None, shape=None):
-    """mode: 'none' (no shim), 'shim' (simulated GPU, all patches), 'shim-no-memory' (trainer_memory reverted)."""
+    """mode: 'none' (no shim), 'shim' (simulated GPU, all patches), 'shim-no-memory' (the memory guard passes
+    everything through; the Trainer patch's wrappers stay)."""
+    from mps_shim.memory_guard import MemoryGuard
+
     mps_shim.deactivate()
     if mode != "none":
         mps_shim.activate(simulate=SIMULATE, precision="fp32", memory_limit=limit, log_level="quiet")
-        if mode == "shim-no-memory":
-            registry = mps_shim.runtime.current().registry
-            for patch in registry.patches:
-                if patch.name == "trainer_memory":
-                    patch.revert()
+    originals = {name: vars(MemoryGuard)[name] for name in PASS_THROUGH}
+    if mode == "shim-no-memory":
+        for name, function in PASS_THROUGH.items():
+            setattr(MemoryGuard, name, function)
+    try:
+        return _timed_run(steps, dataset, per_device, accumulation, shape)
+    finally:
+        for name, function in originals.items():
+            setattr(MemoryGuard, name, function)
+        mps_shim.deactivate()
+
+
+def _timed_run(steps, dataset, per_device, accumulation, shape):
     timer = StepTimes()
     with tempfile.TemporaryDirectory() as output:
         args = transformers.TrainingArguments(
@@ -133,7 +153,6 @@ def one_run(mode, steps, dataset, per_device=8, accumulation=2, limit=None, shap
     report = mps_shim.report()
     runtime = mps_shim.runtime.current()
     measured = runtime.simulator.peak_bytes if runtime is not None and runtime.simulator is not None else None
-    mps_shim.deactivate()
     return {"step_times": timer.times, "total": total, "report": report, "measured_peak": measured,
             "steps": trainer.state.global_step}
 

@@ -41,17 +41,11 @@ def rewrite_device_map(device_map, device: str):
 
 
 def bitsandbytes_runs_on_mps(facts) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from packaging.version import Version
+    from mps_shim.versions import compare, installed_version
 
     if facts.simulated:
         return False  # the simulated GPU computes on the CPU: bitsandbytes' MPS kernels cannot be exercised there
-    try:
-        installed = Version(version("bitsandbytes"))
-    except PackageNotFoundError:
-        return False
-    return installed >= Version("0.50") and Version(facts.torch) >= Version("2.9")
+    return compare(installed_version("bitsandbytes"), ">=", "0.50") and compare(facts.torch, ">=", "2.9")
 
 
 class FromPretrainedPatch(Patch):
@@ -61,9 +55,9 @@ class FromPretrainedPatch(Patch):
     corrects = "bf16 weights, CUDA device_map, flash-attention, bitsandbytes and use_auth_token at model load"
 
     def apply(self, module) -> None:
-        from packaging.version import Version
+        from mps_shim.versions import compare, module_version
 
-        self.accepts_use_auth_token = Version(self.installed_version()) < Version("5.0.0.dev0")
+        self.accepts_use_auth_token = compare(module_version(module), "<", "5.0.0.dev0")
         self.wrap(module.PreTrainedModel, "from_pretrained", self._from_pretrained)
 
     def _from_pretrained(self, wrapped, cls, args, kwargs):
@@ -89,7 +83,7 @@ class FromPretrainedPatch(Patch):
         dtype_key = "dtype" if "dtype" in kwargs else "torch_dtype"
         asked = kwargs.get(dtype_key)
         asked_name = None if asked is None else str(asked).replace("torch.", "")
-        plan = runtime.decide_precision(model_dtype=asked_name)
+        plan = runtime.precision.decide(model_dtype=asked_name)
         keep_checkpoint_dtype = asked_name in (None, "auto") and facts.capabilities.bf16_tensors
         if not keep_checkpoint_dtype and asked_name != plan.weights_dtype:
             kwargs[dtype_key] = getattr(torch, plan.weights_dtype)

@@ -58,7 +58,7 @@ class TrainingArgumentsPatch(Patch):
         runtime = self.runtime
         change = runtime.report.change
         requested = requested_precision(bool(args.bf16), bool(args.fp16))
-        plan = runtime.decide_precision(amp=requested)
+        plan = runtime.precision.decide(amp=requested)
         why = f"{plan.reason}; mps-shim runs {plan.chosen} itself" if plan.autocast_dtype else plan.reason
         for flag in ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval"):
             if getattr(args, flag, False):

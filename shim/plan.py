@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import namedtuple
 
 from mps_shim.device import DeviceFacts
+from mps_shim.units import size_text
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # torch_dtype strings a script may pass -> our short names ("auto" means "as the checkpoint is stored").
@@ -127,8 +128,15 @@ def _best_precision(facts: DeviceFacts, requested: str) -> tuple[str, str]:
 
 
 def memory_budget(facts: DeviceFacts, memory_limit: int | None) -> tuple[int | None, str]:
-    """The bytes a run may use on the device, and why."""
+    """The bytes a run may use on the device, and why. A limit above the Mac's memory is capped there: past it
+    nothing fails cleanly, the machine swaps."""
     if memory_limit is not None:
+        total = facts.memory_total_bytes if facts.is_mps else None
+        if total and memory_limit > total:
+            return total, (
+                f"--memory-limit {size_text(memory_limit)} is more than this Mac's {size_text(total)} of memory; "
+                "capped at the Mac's memory, past which macOS swaps"
+            )
         return memory_limit, "--memory-limit"
     if facts.is_mps and facts.recommended_max_bytes:
         return facts.recommended_max_bytes, "Metal's recommended working set; past it macOS swaps instead of failing"

@@ -34,7 +34,6 @@ PATCH_MODULES = {
     "bitsandbytes_config": "transformers.utils.quantization_config",
     "modeling": "transformers.modeling_utils",
     "trainer": "transformers.trainer",
-    "trainer_memory": "transformers.trainer",
     "accelerate_unscale": "accelerate.accelerator",
     "peft_loading": "peft",
 }
@@ -103,19 +102,10 @@ class Patch:
         self._originals.clear()
         self.applied = False
 
-    def installed_version(self) -> str | None:
-        from importlib.metadata import PackageNotFoundError, version
+    def version_supported(self, version: str | None) -> bool:
+        from mps_shim.versions import version_matches
 
-        try:
-            return version(self.distribution)
-        except PackageNotFoundError:
-            return None
-
-    def version_supported(self) -> bool:
-        from packaging.specifiers import SpecifierSet
-
-        installed = self.installed_version()
-        return installed is not None and SpecifierSet(self.supported, prereleases=True).contains(installed)
+        return version_matches(version, self.supported)
 
 
 class Registry:
@@ -128,6 +118,7 @@ class Registry:
         self._unloaded = dict(PATCH_MODULES) if patch_classes is None else {}
         self._applied: list[Patch] = []  # in the order they were applied, which is the order of their targets' imports
         self.active = False
+        self._versions_said: set[str] = set()
 
     def install(self) -> None:
         self.active = True
@@ -146,34 +137,48 @@ class Registry:
                 self.runtime.report.note(f"patch {name} not loaded: {type(error).__name__}: {error}", logging.WARNING)
         for patch in self.patches:
             if patch.target == target and not patch.applied:
+                self._say_if_untested(patch.distribution, module)
                 self._apply(patch, module)
 
+    def _say_if_untested(self, distribution: str, module) -> None:
+        """One line per patched library outside the tested range, the first time one of its targets is imported."""
+        from mps_shim.versions import module_version, out_of_range_line
+
+        if distribution in self._versions_said:
+            return
+        self._versions_said.add(distribution)
+        line = out_of_range_line(distribution, module_version(module))
+        if line:
+            self.runtime.report.note(line, level=logging.WARNING)
+
     def _apply(self, patch: Patch, module) -> None:
+        from mps_shim.versions import module_version
+
         report = self.runtime.report
-        installed = patch.installed_version()
+        installed = module_version(module)  # the one imported: a script's vendored copy is not the installed one
         try:
             if not patch.applies(module):
-                report.data["patches"][patch.name] = "not needed"
+                report.record_patch(patch.name, "not needed")
                 return
             patch.apply(module)
             patch.applied = True
             self._applied.append(patch)
-            report.data["patches"][patch.name] = "applied"
-            if not patch.version_supported():
+            report.record_patch(patch.name, "applied")
+            if not patch.version_supported(installed):
                 log.debug("patch %s applied to untested %s %s", patch.name, patch.distribution, installed)
         except Exception as error:  # a moved target must never crash the user's run
             patch.revert()
-            report.data["patches"][patch.name] = f"skipped: {error}"
+            report.record_patch(patch.name, f"skipped: {error}")
             reason = "target moved" if isinstance(error, TargetMoved) else type(error).__name__
             report.note(
-                f"patch {patch.name} skipped on {patch.distribution} {installed}: {reason}: {error}",
+                f"patch {patch.name} skipped on {patch.distribution} {installed or '(version unknown)'}: {reason}: {error}",
                 level=logging.WARNING,
             )
 
     def uninstall(self) -> None:
         self.active = False
-        # Last applied, first reverted: two patches may wrap the same attribute (trainer and trainer_memory both wrap
-        # Trainer.train), and each restores what it found, so only the reverse order ends on the original.
+        # Last applied, first reverted: two patches may wrap the same attribute, and each restores what it found, so
+        # only the reverse order ends on the original.
         for patch in [*reversed(self._applied), *(p for p in self.patches if p not in self._applied)]:
             patch.revert()
         self._applied.clear()

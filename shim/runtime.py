@@ -1,4 +1,11 @@
-"""Activation: one Runtime per process holds the options, the report, the device facts and the patch registry."""
+"""Activation: one Runtime per process owns the run's state and starts everything else.
+
+What it owns, and who else may change it: the options (read-only after activation), the device facts (detected
+once), the report (an output: written, never read back), the patch registry, the simulated GPU (when simulating),
+the precision (shim/precision.py: the only code that changes the plan), the memory budget (shim/budget.py: the only
+memory code that changes the environment), and the environment variables the shim set (restored on deactivate).
+docs/architecture.md draws the path of one run through these.
+"""
 from __future__ import annotations
 
 import atexit
@@ -6,8 +13,11 @@ import logging
 import os
 import sys
 
-from mps_shim.config import Options, kill_switch, load_options
+from mps_shim.budget import MemoryBudget
+from mps_shim.config import PLAN_ONLY, Options, kill_switch, load_options
+from mps_shim.errors import PlanReached, ShimConfigError
 from mps_shim.hooks import when_imported
+from mps_shim.precision import PrecisionState
 from mps_shim.registry import Registry
 from mps_shim.report import Report, configure_logging
 
@@ -16,9 +26,8 @@ if TYPE_CHECKING:
     from typing import Any
 
     from mps_shim.device import DeviceFacts
-    from mps_shim.plan import PrecisionPlan
 
-# Read by torch once, when it loads (matrix C(g)): setting it later, as accelerate does, has no effect.
+# Read by torch once, when it loads (docs/mps-facts.md): setting it later, as accelerate does, has no effect.
 FALLBACK_VARIABLE = "PYTORCH_ENABLE_MPS_FALLBACK"
 
 
@@ -29,11 +38,11 @@ class Runtime:
         self.registry = Registry(self)
         self._facts: DeviceFacts | None = None
         self.simulator = None
-        self.saved_environ: dict[str, str | None] = {}
-        # The run as far as the patches have seen it; plan.py decides from it.
-        self.requested = {"amp": None, "model_dtype": None}
-        self.precision: PrecisionPlan | None = None
-        self.loss_scaler = None
+        self.precision = PrecisionState(self)
+        self.budget = MemoryBudget(self)
+        self._saved_environ: dict[str, str | None] = {}
+        self.plan_only = bool(os.environ.get(PLAN_ONLY))  # set by `mps-shim plan` for every process it starts
+        self.training_reached = False
 
     @property
     def facts(self) -> DeviceFacts:
@@ -54,68 +63,22 @@ class Runtime:
         """Whether the shim may change how the run computes: only on an Apple GPU, real or simulated."""
         return self.facts.is_mps
 
-    def decide_precision(self, **request) -> PrecisionPlan:
-        """(Re)decide the precision from what the run has asked for so far; the report follows."""
-        from mps_shim.plan import plan_precision
-
-        self.requested.update({k: v for k, v in request.items() if v is not None})
-        self.precision = plan_precision(
-            self.facts,
-            self.requested["amp"] or "fp32",
-            self.requested["model_dtype"],
-            forced=self.options.precision,
-        )
-        self._record_precision()
-        return self.precision
-
-    def _record_precision(self) -> None:
-        self.report.update("precision", {name: getattr(self.precision, name) for name in self.precision._fields})
-
-    def autocast(self):
-        """The autocast context the shim runs the forward under, on the real or the simulated Apple GPU."""
-        import torch
-
-        dtype = getattr(torch, self.precision.autocast_dtype)
-        if self.simulator is not None:
-            return self.simulator.autocast(dtype)
-        return torch.autocast(self.facts.compute_device, dtype=dtype)
-
-    def place(self, model) -> None:
+    def place(self, model: Any) -> None:
         """The model is on the device now: the simulated one starts counting its memory and refusing what MPS would."""
         if self.simulator is not None:
             self.simulator.adopt(model)
 
-    def fall_back_precision(self, model, step: int | None) -> None:
-        """Move a running model to a safer precision in place: parameters keep their identity, so the optimizer's
-        state, the schedule and the step count carry on."""
-        import torch
-
-        from mps_shim.plan import plan_precision, safer_precision
-
-        before = self.precision
-        safer = safer_precision(self.facts, before.chosen)
-        if safer is None:
-            self.report.event("precision_fallback", "non-finite losses in fp32: nothing safer to fall back to", step)
-            return
-        self.precision = plan_precision(self.facts, safer, self.requested["model_dtype"])
-        self._record_precision()
-        if self.precision.weights_dtype == "float32":
-            model.to(torch.float32)
-        if self.loss_scaler is not None and not self.precision.loss_scaling:
-            self.loss_scaler.dynamic = False
-            self.loss_scaler.scale_value = 1.0
-        self.report.event(
-            "precision_fallback", f"{before.chosen} -> {safer} after repeated non-finite losses in the forward pass",
-            step,
-        )
+    def set_environment(self, variable: str, value: str, reason: str) -> None:
+        """Set a variable for this process and its children, as one change of the run; deactivate restores it."""
+        self._saved_environ.setdefault(variable, os.environ.get(variable))
+        os.environ[variable] = value
+        self.report.change(f"environment {variable}", None, value, reason)
 
     def start(self) -> None:
         configure_logging(self.options.log_level)
         if self.on_mac:
             self._set_before_torch(FALLBACK_VARIABLE, "1", "ops MPS lacks run on the CPU instead of stopping the run")
-            from mps_shim.memory import set_watermarks
-
-            set_watermarks(self)  # the memory budget, before torch's allocator reads it (issue 5)
+            self.budget.before_torch()  # the watermarks, before torch's allocator reads them
         when_imported("torch", self._on_torch_import)  # first: the patches on torch may need the simulator
         self.registry.install()
 
@@ -126,11 +89,9 @@ class Runtime:
         if "torch" in sys.modules:
             self.report.note(f"{variable} not set: torch was imported before mps_shim ({reason})", logging.WARNING)
             return
-        self.saved_environ[variable] = None
-        os.environ[variable] = value
-        self.report.change(f"environment {variable}", None, value, reason)
+        self.set_environment(variable, value, reason)
 
-    def _on_torch_import(self, torch) -> None:
+    def _on_torch_import(self, torch: Any) -> None:
         if _runtime is not self:  # left by an earlier activation
             return
         facts = self.facts
@@ -145,26 +106,43 @@ class Runtime:
             self.simulator = Simulator(facts, self)
             self.simulator.install(torch)
         if facts.is_mps:
-            from mps_shim.memory import enforce_budget
+            self.budget.enforce(torch)
 
-            enforce_budget(self, torch)
+    def reach_training(self, fits: bool = True) -> None:
+        """Trainer.train is about to train (fits) or its memory plan failed (not fits). Under `mps-shim plan` the plan
+        is printed here, and a plan that fits stops the process with PlanReached."""
+        self.training_reached = True
+        if not self.plan_only:
+            return
+        self._print_plan()
+        if fits:
+            raise PlanReached("mps-shim plan: training would start here; nothing was trained")
+
+    def _print_plan(self, ending: str | None = None) -> None:
+        from mps_shim.report import render_plan
+
+        print(render_plan(self.report.as_dict()) + (f"\n  {ending}" if ending else ""), flush=True)
+        self.report.write(always=True)
 
     def stop(self) -> None:
         self.registry.uninstall()
         if self.simulator is not None:
             self.simulator.uninstall()
             self.simulator = None
-        for variable, value in self.saved_environ.items():
+        for variable, value in self._saved_environ.items():
             if value is None:
                 os.environ.pop(variable, None)
             else:
                 os.environ[variable] = value
-        self.report.data["active"] = False
+        self.report.set_active(False)
         self.report.write()
 
     def at_exit(self) -> None:
         if self.simulator is not None:
             self.report.update("memory", {"measured_peak_bytes": self.simulator.peak_bytes})
+        if self.plan_only and not self.training_reached and "transformers" in sys.modules:
+            # A program that imported transformers but never trained: say so, with what the shim changed.
+            self._print_plan("no training was reached: the program ended before Trainer.train")
         self.report.write()
 
 
@@ -176,11 +154,17 @@ def current() -> Runtime | None:
 
 
 def activate(**options: Any) -> bool:
-    """Switch the shim on in this process (interface.md 2b). Idempotent; returns False under MPS_SHIM=0."""
+    """Switch the shim on in this process (docs/user-contract.md). Idempotent; returns False when MPS_SHIM is off.
+
+    A bad option, or a bad MPS_SHIM, raises ShimConfigError before anything is patched; its message is the one line.
+    """
     global _runtime
-    if kill_switch():
-        return False
-    resolved = load_options(**options)
+    try:
+        if kill_switch():
+            return False
+        resolved = load_options(**options)
+    except ShimConfigError as error:
+        raise error.with_traceback(None) from None  # the message says it all; the shim's parsing frames would not
     if _runtime is not None:
         if _runtime.options == resolved:
             return True

@@ -50,11 +50,7 @@ if TYPE_CHECKING:
 
     from mps_shim.device import DeviceFacts
 
-HIGH_WATERMARK_VARIABLE = "PYTORCH_MPS_HIGH_WATERMARK_RATIO"
-LOW_WATERMARK_VARIABLE = "PYTORCH_MPS_LOW_WATERMARK_RATIO"
-DEFAULT_HIGH_WATERMARK_RATIO = 1.7
-DEFAULT_LOW_WATERMARK_RATIO = 1.4  # torch's default on unified memory, i.e. on every Apple-silicon Mac
-HIGH_WATERMARK_UPPER_BOUND = 2.0
+from mps_shim.budget import HIGH_UPPER_BOUND, HIGH_WATERMARK, LOW_WATERMARK, TORCH_DEFAULT_HIGH, TORCH_DEFAULT_LOW
 
 # torch's own check, for set_per_process_memory_fraction (torch/mps/__init__.py).
 FRACTION_TYPE_ERROR = "Invalid type for fraction argument, must be `float`"
@@ -77,7 +73,7 @@ class Simulator:
 
     def _reset_state(self) -> None:
         self._allocator_ready = False  # torch sets up MPSAllocator (and checks the watermarks) on first use
-        self._high_ratio = DEFAULT_HIGH_WATERMARK_RATIO
+        self._high_ratio = TORCH_DEFAULT_HIGH
         self._live: dict[int, _Allocation] = {}  # data_ptr -> the storage's allocation on the emulated device
         # Finalizers only append here; the counters change only on the accounting path (see _settle).
         self._freed: list[int] = []
@@ -98,8 +94,8 @@ class Simulator:
         self._tensor_type = torch.Tensor
         self._refuse_bf16 = not self.facts.capabilities.bf16_tensors
         # torch reads these variables once, when its allocator starts; so does the simulator.
-        self._watermark_env = (os.environ.get(HIGH_WATERMARK_VARIABLE), os.environ.get(LOW_WATERMARK_VARIABLE))
-        self._high_ratio = _strtod(self._watermark_env[0], DEFAULT_HIGH_WATERMARK_RATIO)
+        self._watermark_env = (os.environ.get(HIGH_WATERMARK), os.environ.get(LOW_WATERMARK))
+        self._high_ratio = _strtod(self._watermark_env[0], TORCH_DEFAULT_HIGH)
         # The budget itself is said by the memory guard, which decides it; this line says what is emulated.
         self.runtime.report.note(
             f"simulated Apple GPU: macOS {self.facts.macos}, torch {self.facts.torch} behaviour, "
@@ -139,11 +135,11 @@ class Simulator:
         if self._allocator_ready:
             return
         high_text, low_text = self._watermark_env
-        high = _strtod(high_text, DEFAULT_HIGH_WATERMARK_RATIO)
-        if not 0.0 <= high <= HIGH_WATERMARK_UPPER_BOUND:
+        high = _strtod(high_text, TORCH_DEFAULT_HIGH)
+        if not 0.0 <= high <= HIGH_UPPER_BOUND:
             raise RuntimeError(f"invalid high watermark ratio {high:g}")
-        low = _strtod(low_text, DEFAULT_LOW_WATERMARK_RATIO)
-        if not 0.0 <= low <= (high or HIGH_WATERMARK_UPPER_BOUND):
+        low = _strtod(low_text, TORCH_DEFAULT_LOW)
+        if not 0.0 <= low <= (high or HIGH_UPPER_BOUND):
             raise RuntimeError(f"invalid low watermark ratio {low:g}")
         self._high_ratio = high
         self._allocator_ready = True
@@ -337,7 +333,7 @@ class Simulator:
             text = (
                 f"MPS backend out of memory (MPS allocated: {allocated}, other allocations: {other}, "
                 f"max allowed: {format_size(self.budget_bytes, version)}). Tried to allocate {tried} on private pool. "
-                f"Use {HIGH_WATERMARK_VARIABLE}=0.0 to disable upper limit for memory allocations "
+                f"Use {HIGH_WATERMARK}=0.0 to disable upper limit for memory allocations "
                 "(may cause system failure)."
             )
         self.runtime.report.event("simulated_oom", text, level=logging.INFO)  # whoever catches it decides what it means

@@ -19,26 +19,14 @@ import torch
 # tests/conftest.py imports mps_shim without activating it (MPS_SHIM=0 for that import).
 import mps_shim
 import mps_shim.runtime
-from mps_shim.patches.trainer_memory import STATE
-from mps_shim.memory import (
-    CHECKPOINTING,
-    FROZEN_DTYPE,
-    HIGH_WATERMARK,
-    LOW_WATERMARK,
-    Calibration,
-    ModelFacts,
-    PressureWatch,
-    choose_split,
-    chunk_sizes,
-    diagnosis,
-    estimate_peak,
-    is_out_of_memory,
-    label_tokens,
-    measured_transient,
-    next_rung,
-    watermark_ratios,
-    watermark_settings,
-)
+from mps_shim.budget import HIGH_WATERMARK, LOW_WATERMARK, watermark_ratios, watermark_settings
+from mps_shim.chunking import chunk_sizes, label_tokens
+from mps_shim.device_memory import PressureWatch
+from mps_shim.errors import MemoryPlanError, PlanReached
+from mps_shim.estimate import Calibration, ModelFacts, estimate_peak, measured_transient, model_facts
+from mps_shim.fit import CHECKPOINTING, FROZEN_DTYPE, choose_split, diagnosis, next_rung
+from mps_shim.memory_guard import STATE
+from mps_shim.oom import is_out_of_memory
 
 from support import REPO, clean_env, python, read_json, run
 
@@ -145,6 +133,24 @@ def test_estimate_grows_with_batch_and_sequence_and_counts_the_attention_scores(
     assert small.parts["optimizer_state"] == 8 * facts.trainable_count  # AdamW: two fp32 states
     checkpointed = estimate_peak(facts._replace(checkpointing=True), 1, 2048, 2)
     assert checkpointed.total < longer.total
+
+
+def test_an_estimates_parts_add_up_to_its_total_whatever_phase_peaks():
+    facts = tiny_facts()
+    calibration = Calibration({1: 300 * MIB, 2: 500 * MIB}, 200 * MIB, False)
+    estimates = {
+        "analytic training": estimate_peak(facts, 1, 2048, 2),
+        "measured training": estimate_peak(facts, 2, 2048, 2, calibration=calibration),
+        "optimizer step": estimate_peak(facts._replace(largest_trainable_bytes=4000 * MIB), 1, 8, 2),
+        "evaluation": estimate_peak(facts, 1, 8, 2, eval_batch=64, eval_seq=2048),
+    }
+    assert [e.phase for e in estimates.values()] == ["training", "training", "optimizer_step", "evaluation"]
+    for name, estimate in estimates.items():
+        assert sum(estimate.parts.values()) == estimate.total, name
+    # The diagnosis's "about X" is then the sum of the parts it lists.
+    text = diagnosis(estimates["measured training"], 2**30, int(0.9 * 2**30), facts, [])
+    assert "about 1.12 GiB (activations measured 450.0 MiB, weights 400.0 MiB, optimizer state 200.0 MiB, gradients 100.0 MiB)" in text
+    assert not text.startswith("mps-shim")
 
 
 def test_calibration_is_a_line_through_the_measurements():
@@ -434,7 +440,6 @@ def test_an_impossible_run_stops_before_training_with_one_diagnosis(shim, tmp_pa
     output = tmp_path / "out-impossible"
     output.mkdir()
     (output / "keep.txt").write_text("the user's file")
-    from mps_shim.memory import model_facts
 
     model = tiny_lora_model()
     shim(int(model_facts(model).weight_bytes * 1.3))  # the weights fit, not with one sequence's activations
@@ -443,11 +448,11 @@ def test_an_impossible_run_stops_before_training_with_one_diagnosis(shim, tmp_pa
         save_steps=1, optim="sgd", disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Samples(), data_collator=Collator())
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(MemoryPlanError) as stopped:
         trainer.train()
-    text = str(stopped.value.code)
-    assert stopped.value.code not in (0, None)
-    assert text.startswith("mps-shim: this run cannot fit in memory after gradient_checkpointing")
+    text = str(stopped.value)
+    assert stopped.value.exit_status not in (0, None)
+    assert text.startswith("this run cannot fit in memory after gradient_checkpointing")
     assert "over" in text and "weights" in text and "--modules_to_save" in text
     assert trainer.state.global_step == 0
     assert sorted(p.name for p in output.iterdir()) == ["keep.txt"]
@@ -462,7 +467,8 @@ def test_gradient_checkpointing_when_one_sample_does_not_fit(shim, tmp_path):
         shim, tmp_path, per_device=1, accumulation=4, dataset=long
     )
     estimate = reference_report["memory"]["estimated_peak_bytes"]
-    weights_etc = estimate - reference_report["memory"]["estimate_parts"]["measured_transient"]
+    parts = reference_report["memory"]["estimate_parts"]
+    weights_etc = parts["weights"] + parts["optimizer_state"]
     limit = int((weights_etc + 0.6 * (estimate - weights_etc)) / 0.9)
     trainer, report, weights = train(shim, tmp_path, limit=limit, per_device=1, accumulation=4, dataset=long)
     assert [c for c in report["changes"] if c["target"] == "gradient checkpointing" and c["to"] is True]
@@ -472,7 +478,6 @@ def test_gradient_checkpointing_when_one_sample_does_not_fit(shim, tmp_path):
 
 
 def test_frozen_weights_in_the_autocast_dtype_when_checkpointing_is_not_enough(shim, tmp_path):
-    from mps_shim.memory import model_facts
 
     model = tiny_lora_model(layers=4, hidden=256)
     shim(int(model_facts(model).weight_bytes * 1.2), precision="bf16")  # fp32 weights fit, not with a step
@@ -511,9 +516,9 @@ def test_an_evaluation_out_of_memory_recovers_with_the_same_loss(shim, tmp_path,
 def test_plan_only_fills_the_memory_plan_and_exits_zero(shim, tmp_path, monkeypatch, unconstrained):
     full = unconstrained[1]["memory"]["estimated_peak_bytes"]
     monkeypatch.setenv("MPS_SHIM_PLAN_ONLY", "1")
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(PlanReached) as stopped:
         train(shim, tmp_path, limit=int(full * 0.75))
-    assert stopped.value.code == 0
+    assert stopped.value.exit_status == 0
     report = mps_shim.report()
     assert report["memory"]["estimated_peak_bytes"] and report["memory"]["budget_bytes"]
     assert report["batch"]["micro_batch"] < 8
@@ -580,3 +585,20 @@ def test_the_estimate_is_within_20_percent_of_the_measured_peak_on_the_example(c
     estimated, measured = memory["estimated_peak_bytes"], memory["measured_peak_bytes"]
     assert estimated and measured
     assert abs(estimated - measured) <= 0.2 * measured, (estimated, measured)
+
+
+def test_a_limit_above_the_macs_memory_is_capped_there_with_one_warning():
+    code = (
+        "import mps_shim, torch\n"
+        "from mps_shim import runtime\n"
+        "print(runtime.current().budget.bytes, runtime.current().simulator.budget_bytes)\n"
+    )
+    result = python(code, env=clean_env(MPS_SHIM_SIMULATE="macos=15.1,torch=2.13,memory=16GiB",
+                                        MPS_SHIM_MEMORY_LIMIT="1000TiB"))
+    assert result.returncode == 0, result.stderr
+    budget, simulated = (int(value) for value in result.stdout.split())
+    assert abs(budget - 16 * 2**30) < 2**20 and budget == simulated  # what is enforced is what is said
+    said = [line for line in result.stderr.splitlines() if "budget" in line or "memory limit" in line]
+    capped = [line for line in said if "capped" in line]
+    assert len(capped) == 1 and "1000.00 TiB is more than this Mac's 16.00 GiB of memory" in capped[0], said
+    assert all("2.0x" not in line for line in said), said  # no second, contradicting budget

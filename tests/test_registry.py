@@ -94,7 +94,10 @@ def test_moved_target_warns_once_skips_and_the_shim_keeps_working(tmp_path):
     seen = json.loads(result.stdout)
     warnings = [message for level, message in seen["records"] if level == "WARNING"]
     assert len(warnings) == 1, seen["records"]
-    assert re.fullmatch(r"patch moved_patch skipped on mps-shim \S+: target moved: Thing\.missing", warnings[0])
+    # The version named is the imported module's own: this test module has none, whatever mps-shim's version is.
+    assert re.fullmatch(
+        r"patch moved_patch skipped on mps-shim \(version unknown\): target moved: Thing\.missing", warnings[0]
+    )
     on_stderr = [line for line in result.stderr.splitlines() if "moved_patch" in line]
     assert on_stderr == [f"mps-shim: {warnings[0]}"]
     assert seen["status"].startswith("skipped")
@@ -217,8 +220,8 @@ def test_revert_restores_originals_by_identity_including_inherited(owner_module)
 
 
 def test_two_patches_wrapping_the_same_attribute_revert_to_the_original(owner_module):
-    # As patches/trainer.py and patches/trainer_memory.py both wrap Trainer.train: whichever order the registry lists
-    # them in, uninstalling must end on the original, not on the first patch's wrapper.
+    # Two patches may wrap one attribute: whichever order the registry lists them in, uninstalling must end on the
+    # original, not on the first patch's wrapper.
     first, second = _make_patch(owner_module.__name__), _make_patch(owner_module.__name__)
     own = vars(owner_module.Child)["own"]
     function = owner_module.function
