@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from mps_shim.config import load_options
 from mps_shim.device import simulated_facts
 from mps_shim.report import Report
-from mps_shim.simulate import Simulator, format_size
+from mps_shim.simulate import Simulator
+from mps_shim.simulated_memory import format_size
 
 transformers = pytest.importorskip("transformers")
 
