@@ -1,9 +1,11 @@
-"""torch.autocast: a CUDA autocast in a script becomes the Apple GPU's, in a dtype it runs.
+"""torch.autocast: a CUDA autocast in a script becomes the Apple GPU's, in a dtype it runs, or a disabled one.
 
 Corrects: `torch.autocast("cuda", ...)` / `torch.cuda.amp.autocast(...)` in a script written for NVIDIA do nothing on
 a Mac but warn ("User provided device_type of 'cuda', but CUDA is not available. Disabling"), and a bf16 request on an
 Apple GPU without bf16 autocast is refused (torch < 2.5 errors, 2.5 and macOS 13 disable it). Both become the plan's
-autocast on MPS (on the simulated GPU, the CPU's autocast with the emulated Mac's refusals). Versions: torch 2.0+.
+autocast on MPS. Where the plan has no autocast, or the call asks for none, it becomes a disabled CPU autocast: torch
+< 2.5 raises for any "mps" autocast, even a disabled one, and 2.5-2.9 warn for one in a dtype they lack
+(docs/mps-facts.md). Versions: torch 2.0+.
 """
 from __future__ import annotations
 
@@ -36,14 +38,15 @@ class AutocastPatch(Patch):
         wanted = plan.autocast_dtype
         if wanted != asked:
             runtime.report.change("torch.autocast(dtype=)", asked, wanted, plan.reason)
+        enabled = kwargs.get("enabled", args[2] if len(args) > 2 else True) and wanted is not None
+        rest = {"cache_enabled": kwargs.get("cache_enabled", args[3] if len(args) > 3 else None)}
+        if not enabled:
+            if device_type == "cuda":
+                runtime.report.change("torch.autocast(device_type=)", "cuda", "disabled", "no CUDA on a Mac")
+            return wrapped("cpu", enabled=False, **rest)  # does nothing, on every torch, without a word
         if device_type == "cuda":
             runtime.report.change("torch.autocast(device_type=)", "cuda", "mps", "no CUDA on a Mac; the Apple GPU")
-        enabled = kwargs.get("enabled", True) and wanted is not None
-        rest = {k: v for k, v in kwargs.items() if k not in ("device_type", "dtype", "enabled")}
-        target_dtype = getattr(torch, wanted) if wanted else torch.float32
-        if enabled and runtime.simulator is not None:
-            enabled = runtime.simulator.autocast_allowed(target_dtype)  # the emulated Mac's refusals
-        return wrapped(runtime.facts.compute_device, dtype=target_dtype, enabled=enabled, **rest)
+        return wrapped("mps", dtype=getattr(torch, wanted), enabled=True, **rest)
 
 
 PATCH = AutocastPatch

@@ -1,9 +1,10 @@
-"""scaled_dot_product_attention on MPS before torch 2.12: q, k and v made contiguous.
+"""scaled_dot_product_attention on MPS in torch 2.8-2.11: q, k and v made contiguous.
 
-Corrects: MPS SDPA gives wrong values for permuted (non-contiguous) q/k/v with batch > 1 and head_dim >= 64
-(pytorch#181133, fixed in 2.12 by PR #181151), and transformers' LLaMA passes exactly such transposed tensors (4.40
-makes them contiguous only on CUDA). Silent wrong results, so it applies only where the installed (or emulated) torch
-has the defect. Versions: torch < 2.12 on MPS.
+Corrects: MPS SDPA gives wrong values for permuted (non-contiguous) q/k/v with batch > 1 in its `sdpa_vector` Metal
+kernels (queries of up to 8 tokens: evaluation and generation, not training steps), which first ship in torch 2.8 and
+are fixed in 2.12 (docs/mps-facts.md); transformers' LLaMA passes exactly such transposed tensors (4.40 makes them
+contiguous only on CUDA). Silent wrong results, so it applies only where the installed (or emulated) torch has the
+defect. Versions: torch 2.8-2.11 on MPS.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class ContiguousSdpaPatch(Patch):
         self.wrap(module.nn.functional, "scaled_dot_product_attention", self._sdpa)
         self.runtime.report.change(
             "torch.nn.functional.scaled_dot_product_attention", "q/k/v as given", "q/k/v contiguous",
-            f"MPS SDPA is wrong for non-contiguous inputs before torch 2.12 (torch {self.runtime.facts.torch})",
+            f"MPS SDPA (sdpa_vector) is wrong for non-contiguous inputs in torch 2.8-2.11 (torch {self.runtime.facts.torch})",
         )
 
     def _sdpa(self, wrapped, instance, args, kwargs):

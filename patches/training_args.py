@@ -8,7 +8,6 @@ Corrects, on an Apple GPU (real or simulated):
   every version) and the shim runs the plan's mixed precision itself; transformers tells accelerate "no" mixed
   precision (`ACCELERATE_MIXED_PRECISION` in 4.x, `mixed_precision` in 5.x), consistent with that.
 - `--deepspeed` and `--tf32` only work on CUDA: dropped.
-- fused Adam/AdamW on MPS before torch 2.13 ignore a loss scaler's inf checks: `adamw_torch` when the loss is scaled.
 - a `torchrun --nproc_per_node N` collapsed into one process (patches/torchrun.py) multiplies
   `gradient_accumulation_steps` by N, so the effective batch is the one asked for.
 Versions: transformers 4.40-5.x.
@@ -21,7 +20,6 @@ from mps_shim.registry import Patch
 
 # Set by patches/torchrun.py when it runs N requested processes as one.
 COLLAPSED_WORLD = "MPS_SHIM_COLLAPSED_WORLD_SIZE"
-FUSED_OPTIMIZERS = ("adamw_torch_fused", "adamw_apex_fused")
 
 
 class TrainingArgumentsPatch(Patch):
@@ -73,13 +71,6 @@ class TrainingArgumentsPatch(Patch):
         if getattr(args, "tf32", None) is not None:
             change("TrainingArguments.tf32", args.tf32, None, "TF32 is a CUDA (Ampere) mode")
             args.tf32 = None
-        capabilities = runtime.facts.capabilities
-        if plan.loss_scaling and args.optim in FUSED_OPTIMIZERS and not capabilities.fused_adamw_honours_scaler:
-            change(
-                "TrainingArguments.optim", args.optim, "adamw_torch",
-                f"fused AdamW on MPS ignores loss-scaler inf checks before torch 2.13 (torch {runtime.facts.torch})",
-            )
-            args.optim = "adamw_torch"
         world = int(os.environ.get(COLLAPSED_WORLD, "1"))
         if world > 1:
             accumulation = args.gradient_accumulation_steps * world

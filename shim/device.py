@@ -25,6 +25,7 @@ class DeviceFacts:
     memory_total_bytes: int | None
     recommended_max_bytes: int | None  # Metal's recommendedMaxWorkingSetSize
     capabilities: MpsCapabilities | None  # None off MPS
+    probe_notes: tuple[str, ...] = ()  # where a live probe on a real Mac contradicted the table (the probe wins)
 
     @property
     def is_mps(self) -> bool:
@@ -76,15 +77,30 @@ def detect(options: Options, torch: Any = None) -> DeviceFacts:
 
 
 def probe_mps(torch: Any) -> DeviceFacts:
-    """The real Apple GPU: the table for this torch and macOS, corrected by a live bf16 probe."""
+    """The real Apple GPU: the table for this torch and macOS, corrected by live probes (a bf16 tensor, autocast in
+    each dtype); where a probe contradicts the table, the probe wins and a note says so."""
     version = torch.__version__.split("+")[0]
     macos = platform.mac_ver()[0] or "0"
-    capabilities = mps_capabilities(version, macos)
-    if capabilities.bf16_tensors and not _bf16_works(torch):
+    table = mps_capabilities(version, macos)
+    capabilities, notes = table, []
+    if table.bf16_tensors and not _bf16_works(torch):
         capabilities = replace(capabilities, bf16_tensors=False, bf16_tensor_error="bf16 probe failed on this Mac")
+        notes.append("the table says bf16 tensors work here; the probe found they do not")
+    autocast_dtypes = []
+    for name in ("bf16", "fp16"):
+        works = _autocast_works(torch, name)
+        expected = name in table.autocast_dtypes
+        if works is None:
+            works = expected  # the probe could not run: the table stands
+        elif works != expected:
+            notes.append(f"the table says {name} autocast {'runs' if expected else 'does not run'} here; the probe "
+                         f"found it {'runs' if works else 'does not'}")
+        if works and (name != "bf16" or capabilities.bf16_tensors):
+            autocast_dtypes.append(name)
+    capabilities = replace(capabilities, autocast_dtypes=tuple(autocast_dtypes))
     total = _memory_total()
     recommended = MpsMemory(torch).recommended_max() or (recommended_working_set(total) if total else None)
-    return DeviceFacts("mps", False, macos, version, total, recommended, capabilities)
+    return DeviceFacts("mps", False, macos, version, total, recommended, capabilities, tuple(notes))
 
 
 def _mps_available(torch: Any) -> bool:
@@ -102,6 +118,24 @@ def _bf16_works(torch: Any) -> bool:
         return False
 
 
+def _autocast_works(torch: Any, name: str) -> bool | None:
+    """Whether torch.autocast("mps") really computes a matmul in `name`; None when the probe cannot run."""
+    import warnings
+
+    autocast = getattr(torch, "autocast", None)
+    if autocast is None:
+        return None
+    dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[name])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a refusal is a warning plus a disabled autocast: the dtype tells
+            with autocast("mps", dtype=dtype):
+                probe = torch.ones(4, 4, device="mps")
+                return (probe @ probe).dtype == dtype
+    except Exception:
+        return False
+
+
 def _memory_total() -> int | None:
     try:
         import psutil
@@ -112,9 +146,11 @@ def _memory_total() -> int | None:
 
 
 class MpsMemory:
-    """torch.mps's memory calls, each one optional: torch versions differ and some calls exist only on a Mac."""
+    """torch.mps's (and torch.accelerator's) memory calls, each one optional: torch versions differ and some calls exist
+    only on a Mac."""
 
     def __init__(self, torch: Any):
+        self._torch = torch
         self._mps = getattr(torch, "mps", None)
 
     def _call(self, name: str, *args) -> tuple[bool, Any]:
@@ -138,6 +174,34 @@ class MpsMemory:
 
     def empty_cache(self) -> bool:
         return self._call("empty_cache")[0]
+
+    def _accelerator_stat(self, key: str) -> int | None:
+        """One of torch.accelerator's allocator statistics (torch 2.13+ serves them for MPS), or None."""
+        stats = getattr(getattr(self._torch, "accelerator", None), "memory_stats", None)
+        if stats is None:
+            return None
+        try:
+            value = stats().get(key)
+        except Exception:
+            return None
+        return int(value) if value is not None else None
+
+    def reserved(self) -> int | None:
+        """The allocator's heaps, cached buffers included."""
+        return self._accelerator_stat("reserved_bytes.all.current")
+
+    def peak_reserved(self) -> int | None:
+        return self._accelerator_stat("reserved_bytes.all.peak")
+
+    def reset_peak(self) -> bool:
+        reset = getattr(getattr(self._torch, "accelerator", None), "reset_peak_memory_stats", None)
+        if reset is None:
+            return False
+        try:
+            reset()
+        except Exception:
+            return False
+        return True
 
     def set_fraction(self, fraction: float) -> bool:
         # torch insists on a float in [0, 2]; the fraction is of recommendedMaxWorkingSetSize.

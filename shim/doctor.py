@@ -44,14 +44,26 @@ def diagnose(options: Options) -> dict:
     return findings
 
 
+def _no_mps_reason(facts: DeviceFacts) -> str:
+    """Why there is no Apple GPU here; on an Apple-silicon Mac, the torch/macOS pair that has none."""
+    from mps_shim.capabilities import check_mac
+
+    macos = platform.mac_ver()[0]
+    if sys.platform == "darwin" and platform.machine() == "arm64" and macos:
+        why = check_mac(facts.torch, macos)
+        if why:
+            return f"no Apple GPU for torch here: {why}; the shim changes nothing on the CPU"
+    return f"no Apple GPU ({facts.type}); the shim leaves precision and devices to the libraries"
+
+
 def _capabilities(facts: DeviceFacts) -> dict:
     capabilities = facts.capabilities
     if capabilities is None:
-        reason = f"no Apple GPU ({facts.type}); the shim leaves precision and devices to the libraries"
-        return {"mps": False, "reason": reason}
+        return {"mps": False, "reason": _no_mps_reason(facts)}
     bf16_reason = capabilities.bf16_tensor_error or "torch>=2.3 on macOS 14+"
     return {
         "mps": True,
+        "probe_notes": list(facts.probe_notes),
         "bf16_tensors": {"value": capabilities.bf16_tensors, "reason": bf16_reason},
         "autocast_dtypes": {
             "value": list(capabilities.autocast_dtypes),
@@ -63,8 +75,9 @@ def _capabilities(facts: DeviceFacts) -> dict:
             else "torch.amp.GradScaler('mps') fails before torch 2.8; the shim scales the loss itself",
         },
         "fused_adamw": {
-            "value": capabilities.fused_adamw_honours_scaler,
-            "reason": "fused Adam/AdamW on MPS skip overflowed steps from torch 2.13 on",
+            "value": capabilities.fused_adamw,
+            "reason": "Adam/AdamW(fused=True) run on MPS from torch 2.5 (MPS has no foreach kernels); the shim's loss "
+                      "scaler unscales and skips steps itself, so fused steps are safe with it",
         },
     }
 
@@ -120,6 +133,7 @@ def render(findings: dict) -> str:
             value = entry["value"]
             shown = ", ".join(value) or "none" if isinstance(value, list) else ("yes" if value else "no")
             lines.append(f"{name.replace('_', ' ')}: {shown} ({entry['reason']})")
+        lines += [f"probe: {note}; the probe wins" for note in capabilities["probe_notes"]]
     memory = findings["memory"]
     lines.append(
         f"memory: {gib(memory['total_bytes'])} total, {gib(memory['recommended_max_bytes'])} recommended "

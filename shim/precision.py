@@ -45,11 +45,7 @@ class PrecisionState:
         """The autocast context the shim runs the forward under, on the real or the simulated Apple GPU."""
         import torch
 
-        runtime = self._runtime
-        dtype = getattr(torch, self.plan.autocast_dtype)
-        if runtime.simulator is not None:
-            return runtime.simulator.autocast(dtype)
-        return torch.autocast(runtime.facts.compute_device, dtype=dtype)
+        return torch.autocast("mps", dtype=getattr(torch, self.plan.autocast_dtype))  # emulated when simulating
 
     def fall_back(self, model: Any, step: int | None) -> None:
         """Move a running model to a safer precision in place: parameters keep their identity, so the optimizer's

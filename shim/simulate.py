@@ -44,6 +44,7 @@ class Simulator:
         self.runtime = runtime
         self._torch = None
         self._mode = None
+        self._autocast_original = None
         self.memory = SimulatedMemory(facts, runtime.report, (None, None))
         self._aliasing_ops: dict[Any, bool] = {}
 
@@ -61,6 +62,7 @@ class Simulator:
         # torch reads these variables once, when its allocator starts; so does the simulator.
         watermarks = (os.environ.get(HIGH_WATERMARK), os.environ.get(LOW_WATERMARK))
         self.memory = SimulatedMemory(self.facts, self.runtime.report, watermarks)
+        self._emulate_mps_autocast(torch)
         # The budget itself is said by the memory budget, which decides it; this line says what is emulated.
         self.runtime.report.note(
             f"simulated Apple GPU: macOS {self.facts.macos}, torch {self.facts.torch} behaviour, "
@@ -72,6 +74,10 @@ class Simulator:
         if self._mode is not None:
             _exit_mode(self._mode)
             self._mode = None
+        if self._autocast_original is not None:
+            autocast, original = self._autocast_original
+            autocast.__init__ = original
+            self._autocast_original = None
         self._torch = None
         self.memory = SimulatedMemory(self.facts, self.runtime.report, (None, None))
         self._aliasing_ops = {}
@@ -128,30 +134,37 @@ class Simulator:
     def memory_report(self) -> dict[str, int | None]:
         return self.memory.memory_report()
 
-    # -- autocast ---------------------------------------------------------------------------------------------------
+    # -- autocast: torch.autocast("mps", ...) as the emulated torch has it ---------------------------------------------
 
-    def autocast(self, dtype: Any, enabled: bool = True) -> Any:
-        """What `torch.autocast("mps", dtype=dtype, enabled=enabled)` gives on the emulated Mac (docs/mps-facts.md).
+    def _emulate_mps_autocast(self, torch: Any) -> None:
+        """From now on `torch.autocast("mps", ...)` raises, warns and disables as the emulated torch/macOS would
+        (shim/capabilities.py), and where it runs, CPU autocast does the same casts for the simulated GPU."""
+        autocast = torch.amp.autocast_mode.autocast
+        original = autocast.__init__
+        simulator = self
 
-        Where MPS autocast runs, CPU autocast does the same casts for the simulated GPU.
-        """
-        torch = self._require_torch()
-        # Before torch 2.5 MPS has no autocast at all. torch.autocast says so even when enabled=False.
-        unsupported_device = self.facts.capabilities.autocast_refusal("fp16")
-        if unsupported_device is not None and unsupported_device[0] == "error":
-            raise RuntimeError(unsupported_device[1])
-        if enabled and self.autocast_allowed(dtype):
-            return torch.autocast("cpu", dtype=dtype)
-        return torch.autocast("cpu", enabled=False)
+        def __init__(context, device_type, dtype=None, enabled=True, cache_enabled=None):
+            if device_type == "mps":
+                dtype = dtype if dtype is not None else torch.float16  # MPS autocast's default dtype
+                enabled = simulator.mps_autocast_enabled(dtype, enabled)
+                device_type = "cpu"
+            original(context, device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
-    def autocast_allowed(self, dtype: Any) -> bool:
-        """Whether `torch.autocast("mps", dtype)` runs on the emulated Mac. Where it does not, this raises the
-        RuntimeError torch raises, or gives torch's UserWarning and returns False (torch then disables autocast)."""
+        __init__.__wrapped__ = original
+        autocast.__init__ = __init__
+        self._autocast_original = (autocast, original)
+
+    def mps_autocast_enabled(self, dtype: Any, enabled: bool) -> bool:
+        """Whether `torch.autocast("mps", dtype, enabled)` autocasts on the emulated Mac. Where it does not, this raises
+        the RuntimeError torch raises, or gives torch's UserWarning and returns False, as torch does (before 2.10 even
+        for enabled=False)."""
+        from mps_shim.capabilities import autocast_checks_when_disabled
+
         torch = self._require_torch()
         names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
         refusal = self.facts.capabilities.autocast_refusal(names.get(dtype, "fp32"))
-        if refusal is None:
-            return True
+        if refusal is None or not (enabled or autocast_checks_when_disabled(self.facts.torch)):
+            return enabled
         kind, text = refusal
         if kind == "error":
             raise RuntimeError(text)

@@ -23,6 +23,7 @@ import struct
 import weakref
 
 from mps_shim.budget import HIGH_UPPER_BOUND, HIGH_WATERMARK, TORCH_DEFAULT_HIGH, TORCH_DEFAULT_LOW
+from mps_shim.capabilities import max_buffer_length
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -141,9 +142,8 @@ class SimulatedMemory:
 
     def _allocate(self, nbytes: int) -> Exception | None:
         self._settle()
-        # Metal refuses a single buffer above the device's maxBufferLength. On Apple silicon that limit is close to
-        # recommendedMaxWorkingSetSize; the simulator uses the latter.
-        max_buffer = self.facts.recommended_max_bytes
+        # MPSAllocator refuses a single buffer of Metal's maxBufferLength or more, before any other check.
+        max_buffer = max_buffer_length(self.facts.memory_total_bytes) if self.facts.memory_total_bytes else None
         if max_buffer is not None and nbytes >= max_buffer:
             return RuntimeError(f"Invalid buffer size: {format_size(nbytes, self.facts.torch)}")
         limit = self.budget_bytes
@@ -216,9 +216,9 @@ def _strtod(text: str | None, default: float) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-# From which torch release MPSAllocator prints KiB/MiB/GiB (c10's format_size) instead of its own KB/MB/GB: the
-# reference leaves the boundary UNVERIFIED (matrix C(f)). This is an assumption.
-BINARY_UNITS_FROM = (2, 6)
+# From which torch release MPSAllocator prints " KiB/MiB/GiB" (c10's format_size) instead of its own " KB/MB/GB": 2.8
+# (libtorch_cpu.dylib of each release, evidence/torch-macos.json).
+BINARY_UNITS_FROM = (2, 8)
 
 
 def format_size(nbytes: int, torch_version: str) -> str:

@@ -15,6 +15,7 @@ from mps_shim.capabilities import (
     autocast_refusal,
     bf16_tensor_error,
     check_mac,
+    max_buffer_length,
     mps_capabilities,
     recommended_working_set,
 )
@@ -202,7 +203,8 @@ def test_mps_memory_calls_that_raise():
     assert memory.set_fraction(0.9) is False
 
 
-# --- the capability table against reference/mps-version-matrix.md -------------------------------------------------------
+# --- the capability table's rows, as torch's macOS wheels show them (docs/mps-facts.md; tests/test_evidence.py checks
+# the same table against evidence/torch-macos.json, release by release) ----------------------------------------------
 
 AUTOCAST_25 = (
     "warning",
@@ -215,6 +217,16 @@ AUTOCAST_MACOS13 = (
     "Disabling autocast.",
 )
 NO_MPS_AUTOCAST = ("error", "User specified an unsupported autocast device_type 'mps'")
+FP32_29 = (
+    "warning",
+    "In MPS autocast, but the target dtype is not supported. Disabling autocast.\n"
+    "MPS Autocast only supports dtype of torch.bfloat16 and torch.float16 currently.",
+)
+FP32_210 = (
+    "warning",
+    "In MPS autocast, but the target dtype is not supported. Disabling autocast.\n"
+    "MPS Autocast only supports dtypes of torch.bfloat16, torch.float16 currently.",
+)
 
 
 def _fact(kind: str, torch: str, macos: str):
@@ -239,11 +251,13 @@ MATRIX_ROWS = [
     ("C(a) 2.5 dtypes", "2.5.1", "15.1", "autocast_dtypes", ("fp16",)),
     ("C(a) 2.6 bf16 macOS 14", "2.6.0", "14.0", "autocast:bf16", None),
     ("C(a) 2.6 bf16 macOS 13", "2.6.0", "13.6", "autocast:bf16", AUTOCAST_MACOS13),
-    ("C(a) 2.9 bf16 macOS 13", "2.9.1", "13.6", "autocast:bf16", AUTOCAST_MACOS13),
-    ("C(a) 2.9 fp16 macOS 13", "2.9.1", "13.6", "autocast:fp16", None),
+    ("C(a) 2.8 bf16 macOS 13", "2.8.0", "13.6", "autocast:bf16", AUTOCAST_MACOS13),
+    ("C(a) 2.8 fp16 macOS 13", "2.8.0", "13.6", "autocast:fp16", None),
+    ("C(a) 2.9 fp32 wording", "2.9.1", "14.5", "autocast:fp32", FP32_29),
+    ("C(a) 2.10 fp32 wording", "2.10.0", "14.5", "autocast:fp32", FP32_210),
     ("C(a) 2.6-2.9 dtypes macOS 14", "2.7.1", "14.5", "autocast_dtypes", ("bf16", "fp16")),
     ("C(a) 2.6-2.9 dtypes macOS 13", "2.8.0", "13.6", "autocast_dtypes", ("fp16",)),
-    ("C(a) 2.10-2.12 bf16 macOS 13 fails in the kernels", "2.10.0", "13.6", "autocast_dtypes", ("fp16",)),
+    ("C(a) 2.10 has no MPS on macOS 13", "2.10.0", "13.6", "check_mac", False),
     ("C(a) 2.13-2.15 dtypes", "2.13.0", "15.1", "autocast_dtypes", ("bf16", "fp16")),
     ("C(a) 2.15 bf16", "2.15.0", "14.0", "autocast:bf16", None),
     # C(b) bf16 tensors and matmul
@@ -256,14 +270,19 @@ MATRIX_ROWS = [
     ("C(b) 2.3 macOS 14", "2.3.1", "14.0", "bf16_error", None),
     ("C(b) 2.3 macOS 14 tensors", "2.3.1", "14.0", "bf16_tensors", True),
     ("C(b) 2.2 macOS 14 tensors", "2.2.2", "14.5", "bf16_tensors", False),
-    ("C(b) wheels 2.11 on macOS 13", "2.11.0", "13.6", "check_mac", True),
+    ("2.11 installs on macOS 13 but has no MPS there", "2.11.0", "13.6", "check_mac", False),
+    ("MPS floor 12.3 up to 2.5", "2.5.1", "12.6", "check_mac", True),
+    ("MPS floor 13.0 from 2.6", "2.6.0", "12.6", "check_mac", False),
+    ("MPS floor 13.0 through 2.8", "2.8.0", "13.0", "check_mac", True),
+    ("MPS floor 14.0 from 2.9", "2.9.1", "13.6", "check_mac", False),
+    ("MPS floor 14.0 met", "2.9.1", "14.0", "check_mac", True),
     ("C(b) wheels 2.12 need macOS 14", "2.12.0", "13.6", "check_mac", False),
     # C(c) GradScaler on MPS
     ("C(c) 2.5 GradScaler fails", "2.5.1", "14.5", "grad_scaler", False),
     ("C(c) 2.7 GradScaler fails", "2.7.1", "14.5", "grad_scaler", False),
     ("C(c) 2.8 GradScaler works", "2.8.0", "14.5", "grad_scaler", True),
-    ("C(c) fused AdamW 2.12 ignores the scaler", "2.12.1", "14.5", "fused_adamw_honours_scaler", False),
-    ("C(c) fused AdamW 2.13 fixed", "2.13.0", "14.5", "fused_adamw_honours_scaler", True),
+    ("fused AdamW on mps from 2.5", "2.5.0", "14.5", "fused_adamw", True),
+    ("no fused AdamW on mps in 2.4", "2.4.1", "14.5", "fused_adamw", False),
     # Torch floor for each feature on MPS: at the floor, and the release before it
     ("floor bf16 tensors 2.3 on macOS 14", "2.3.0", "14.0", "bf16_tensors", True),
     ("below floor bf16 tensors", "2.2.2", "14.0", "bf16_tensors", False),
@@ -276,15 +295,76 @@ MATRIX_ROWS = [
     ("below floor GradScaler", "2.7.1", "14.5", "grad_scaler", False),
     ("floor recommended_max_memory 2.5", "2.5.0", "14.5", "recommended_max_memory_api", True),
     ("below floor recommended_max_memory", "2.4.1", "14.5", "recommended_max_memory_api", False),
-    ("floor SDPA non-contiguous fix 2.12", "2.12.0", "14.5", "sdpa_noncontiguous_correct", True),
-    ("below floor SDPA fix", "2.11.0", "14.5", "sdpa_noncontiguous_correct", False),
-    ("floor fused-AdamW GradScaler fix 2.13", "2.13.0", "14.5", "fused_adamw_honours_scaler", True),
-    ("below floor fused-AdamW fix", "2.12.1", "14.5", "fused_adamw_honours_scaler", False),
+    ("SDPA sdpa_vector fixed in 2.12", "2.12.0", "14.5", "sdpa_noncontiguous_correct", True),
+    ("SDPA sdpa_vector defect in 2.11", "2.11.0", "14.5", "sdpa_noncontiguous_correct", False),
+    ("SDPA sdpa_vector defect from 2.8", "2.8.0", "14.5", "sdpa_noncontiguous_correct", False),
+    ("no sdpa_vector kernels in 2.7", "2.7.1", "14.5", "sdpa_noncontiguous_correct", True),
     ("floor wheels need macOS 14 from 2.12", "2.12.0", "14.0", "check_mac", True),
-    ("below floor wheels", "2.11.0", "12.3", "check_mac", True),
+    ("2.11 on macOS 12.3: no MPS", "2.11.0", "12.3", "check_mac", False),
 ]
 
 
 @pytest.mark.parametrize("row, torch, macos, kind, expected", MATRIX_ROWS, ids=[row[0] for row in MATRIX_ROWS])
-def test_capability_table_matches_the_reference_matrix(row, torch, macos, kind, expected):
+def test_capability_table_rows(row, torch, macos, kind, expected):
     assert _fact(kind, torch, macos) == expected
+
+
+def test_the_working_set_and_buffer_rules_where_torch_cannot_ask_metal():
+    assert recommended_working_set(16 * 2**30) == 16 * 2**30 * 2 // 3
+    assert recommended_working_set(64 * 2**30) == 64 * 2**30 * 3 // 4
+    assert recommended_working_set(128 * 2**30) == 128 * 2**30 * 84 // 100  # a 128 GB Mac on macOS 26
+    assert max_buffer_length(16 * 2**30) == 8 * 2**30  # Metal's maxBufferLength: about half of RAM
+
+
+def test_a_real_macs_memory_is_judged_on_the_drivers_total_and_its_peak_counter():
+    from mps_shim.device_memory import DeviceMemory
+
+    figures = {"live": 100, "driver": 300}
+    torch = fake_torch(
+        current_allocated_memory=lambda: figures["live"], driver_allocated_memory=lambda: figures["driver"],
+        empty_cache=lambda: None,
+    )
+    runtime = SimpleNamespace(simulator=None, budget=SimpleNamespace(bytes=1000))
+    device = DeviceMemory(runtime, torch)
+    assert device.in_use() == 300 and device.allocated() == 100  # what MPSAllocator checks, not the live tensors
+    device.reset_peak()
+    figures["driver"] = 700
+    device.sample()
+    figures["driver"] = 400
+    assert device.peak() == 700  # no allocator statistics: the largest sample of the driver's total
+    # torch 2.13+: the allocator's own peak of its heaps, plus what MPS holds beside them now.
+    torch.accelerator = SimpleNamespace(
+        memory_stats=lambda: {"reserved_bytes.all.current": 350, "reserved_bytes.all.peak": 900},
+        reset_peak_memory_stats=lambda: None,
+    )
+    assert device.peak() == 900 + (400 - 350)
+
+
+def test_a_live_autocast_probe_that_contradicts_the_table_wins_and_says_so(macos):
+    import contextlib
+
+    macos("15.1")
+    torch = fake_torch(version="2.13.0")
+    torch.float16, torch.bfloat16 = "torch.float16", "torch.bfloat16"
+    active = []
+
+    @contextlib.contextmanager
+    def autocast(device, dtype):
+        # This Mac's MPS autocasts fp16, but leaves bf16 matmuls in fp32 (as a driver regression might).
+        active.append(dtype if dtype == torch.float16 else "torch.float32")
+        yield
+        active.pop()
+
+    class Probe(FakeTensor):
+        def __matmul__(self, other):
+            result = FakeTensor(1.0)
+            result.dtype = active[-1]
+            return result
+
+    torch.autocast = autocast
+    torch.ones = lambda *shape, dtype=None, device=None: Probe(1.0) if dtype is None else FakeTensor(1.0)
+    facts = probe_mps(torch)
+    assert mps_capabilities("2.13.0", "15.1").autocast_dtypes == ("bf16", "fp16")  # what the table says
+    assert facts.capabilities.autocast_dtypes == ("fp16",)
+    assert facts.probe_notes == ("the table says bf16 autocast runs here; the probe found it does not",)
+    assert plan_precision(facts, "bf16", "bfloat16").chosen == "fp16"  # and the plan follows the probe

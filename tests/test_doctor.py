@@ -146,3 +146,12 @@ def test_the_doctor_command_under_simulation_does_not_import_torch():
     assert "mps_shim.doctor" in imported  # the listing works
     assert not {"torch", "transformers", "accelerate", "peft"} & imported
     assert json.loads(result.stdout)["device"]["simulated"] is True
+
+
+def test_a_torch_and_macos_pair_without_mps_is_refused_with_the_reason():
+    result = run([MPS_SHIM, "--simulate", "macos=13.6,torch=2.10", "doctor"])
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        'torch 2.10 has no MPS device below macOS 14.0 ("The MPS backend is supported on MacOS 14.0+"): it installs '
+        "on macOS 13.6, but runs on the CPU there"
+    )
