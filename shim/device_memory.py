@@ -10,10 +10,14 @@ if TYPE_CHECKING:
 
 
 class DeviceMemory:
-    """The Apple GPU's memory figures, real (torch.mps through device.MpsMemory) or simulated, behind one face.
+    """The Apple GPU's memory figures, real (torch through device.MpsMemory) or simulated, behind one face.
 
-    MPS has no peak counter: on a real Mac the peak is the largest of the samples taken at every tensor saved for
-    backward and used in backward (`sampling()`), and at every `sample()` call."""
+    What decides an out-of-memory is not the live tensors (`allocated`, current_allocated_memory) but the driver's
+    total: whole Metal heaps, cached buffers and MPS's and MPSGraph's own allocations (driver_allocated_memory), which
+    MPSAllocator checks against its limit after releasing its cache (docs/mps-facts.md). So `in_use` (what the
+    allocator cannot give back) and `peak` are on that figure. On a real Mac the peak comes from torch's allocator
+    statistics where they exist for MPS (torch.accelerator memory stats, torch 2.13+), else from samples of the
+    driver's total at every tensor saved for or used in backward (`sampling()`) and at every `sample()`."""
 
     def __init__(self, runtime: Any, torch: Any):
         from mps_shim.device import MpsMemory
@@ -31,14 +35,23 @@ class DeviceMemory:
         return self.runtime.budget.bytes
 
     def allocated(self) -> int:
+        """Live tensors."""
         if self.simulator is not None:
             return self.simulator.allocated_bytes()
         return self.mps.allocated() or 0
 
     def driver(self) -> int:
+        """The driver's total, cached buffers included."""
         if self.simulator is not None:
             return self.simulator.driver_bytes()
         return self.mps.driver() or 0
+
+    def in_use(self) -> int:
+        """What the allocator holds and would not release before failing: the driver's total less its cache (on a real
+        Mac the driver's total itself, the cache being empty right after `empty_cache`)."""
+        if self.simulator is not None:
+            return self.simulator.allocated_bytes() + self.simulator.memory.other_bytes
+        return self.driver()
 
     def empty_cache(self) -> None:
         import gc
@@ -50,19 +63,26 @@ class DeviceMemory:
             self.mps.empty_cache()
 
     def sample(self) -> int:
-        now = self.allocated()
+        now = self.in_use()
         self._peak = max(self._peak, now)
         return now
 
     def reset_peak(self) -> None:
         if self.simulator is not None:
             self.simulator.reset_peak()
-        self._peak = self.allocated()
+        else:
+            self.mps.reset_peak()
+        self._peak = self.in_use()
 
     def peak(self) -> int:
         if self.simulator is not None:
             return self.simulator.peak_bytes
-        return self._peak
+        # The allocator's own peak of its heaps, plus what MPS holds beside them now.
+        counted = self.mps.peak_reserved()
+        if counted is None:
+            return self._peak
+        beside_heaps = max(0, self.driver() - (self.mps.reserved() or 0))
+        return max(self._peak, counted + beside_heaps)
 
     def sampling(self) -> Any:
         """A context in which a real device's allocation is sampled at every saved tensor (for a peak)."""

@@ -94,9 +94,10 @@ def optimizer_state_bytes(optim: str, trainable_count: int) -> int:
     return 8 * trainable_count  # AdamW and friends: exp_avg and exp_avg_sq
 
 
-def optimizer_step_bytes(facts: ModelFacts, foreach: bool) -> int:
-    """Temporaries of one AdamW step: per parameter (for-loop) or for all of them at once (foreach, real MPS)."""
-    return 2 * (facts.trainable_bytes if foreach else facts.largest_trainable_bytes)
+def optimizer_step_bytes(facts: ModelFacts) -> int:
+    """Temporaries of one AdamW step on MPS, which has no foreach kernels (torch's optimizers run per parameter there,
+    or fused when asked): about two copies of the largest trainable tensor, never of all of them at once."""
+    return 2 * facts.largest_trainable_bytes
 
 
 def activation_bytes(
@@ -176,7 +177,6 @@ def estimate_peak(
     accumulates: bool = True,
     eval_batch: int = 0,
     eval_seq: int = 0,
-    foreach: bool = False,
     attention_scores: bool = True,
 ) -> Estimate:
     """The peak of a training run's step at `micro_batch` x `seq`: the weights, the optimizer state, and the largest
@@ -197,7 +197,7 @@ def estimate_peak(
         training = {"gradients": in_transient, "activations_measured": transient - in_transient}
     else:
         training = {"gradients": grads, **{f"activations_{name}": value for name, value in activations.items()}}
-    step_temporaries = optimizer_step_bytes(facts, foreach)
+    step_temporaries = optimizer_step_bytes(facts)
     evaluation = evaluation_bytes(facts, eval_batch, eval_seq, compute_bytes, attention_scores) if eval_batch else 0
     if calibrated and calibration.analytic_per_sample:
         # The measured/analytic ratio of training carries over to evaluation's (smaller) transient.

@@ -206,7 +206,8 @@ class MemoryGuard:
 
     def add_to_logs(self, trainer: Any, logs: dict) -> None:
         device = self.device
-        logs["memory/allocated_mib"] = round(device.sample() / MIB, 2)
+        device.sample()
+        logs["memory/allocated_mib"] = round(device.allocated() / MIB, 2)
         logs["memory/driver_mib"] = round(device.driver() / MIB, 2)
         if self.budget:
             logs["memory/budget_mib"] = round(self.budget / MIB, 2)

@@ -87,7 +87,7 @@ class Preflight:
         return estimate_peak(
             self.facts, batch, seq or self.seq, self.compute_bytes, str(self.trainer.args.optim), calibration,
             accumulates=self.accumulation > 1 or batch < self.per_device, eval_batch=self.eval_batch,
-            eval_seq=self.eval_seq, foreach=self.runtime.simulator is None,
+            eval_seq=self.eval_seq,
         )
 
     def run(self) -> int | None:
@@ -186,7 +186,7 @@ class Preflight:
         ids = torch.randint(0, vocab, (batch, self.seq), generator=generator)
         inputs = trainer._prepare_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
         device.empty_cache()
-        base = device.allocated()
+        base = device.in_use()
         device.reset_peak()
         result = None
         try:

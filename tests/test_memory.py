@@ -602,3 +602,25 @@ def test_a_limit_above_the_macs_memory_is_capped_there_with_one_warning():
     capped = [line for line in said if "capped" in line]
     assert len(capped) == 1 and "1000.00 TiB is more than this Mac's 16.00 GiB of memory" in capped[0], said
     assert all("2.0x" not in line for line in said), said  # no second, contradicting budget
+
+
+def test_a_real_mac_is_estimated_without_foreach_temporaries(tmp_path):
+    # torch has no foreach kernels for mps (evidence/torch-macos.json): an optimizer step on a Mac holds temporaries
+    # for one parameter at a time, on the real device as on the simulated one.
+    import types
+
+    from mps_shim.preflight import Preflight
+    from mps_shim.report import Report
+
+    mps_shim.deactivate()
+    model = tiny_lora_model()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, report_to=[])
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Samples(n=2, lengths=(2, 2)),
+                                   data_collator=Collator())
+    largest = max(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    for simulator in (None, object()):
+        runtime = types.SimpleNamespace(simulator=simulator, precision=types.SimpleNamespace(plan=None),
+                                        report=Report(None))
+        estimate = Preflight(runtime, trainer, None, 2**30, 2**29).estimate(None, 1)
+        assert estimate.phase == "optimizer_step", estimate
+        assert estimate.parts["optimizer_step_temporaries"] == 2 * largest
