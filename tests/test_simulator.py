@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 # tests/conftest.py imports mps_shim without activating it (MPS_SHIM=0 for that import).
-from mps_shim.config import load_options
+from mps_shim.config import SimulationProfile, load_options
 from mps_shim.device import simulated_facts
 from mps_shim.report import Report
 from mps_shim.simulate import Simulator
@@ -24,9 +24,19 @@ OOM_WITH_LIMIT = re.compile(
     r"\(may cause system failure\)\."
 )
 OOM_WITHOUT_LIMIT = re.compile(
-    r"MPS backend out of memory \(MPS allocated: \d+\.\d\d (KB|MB), other allocations: 0 bytes\)\. "
-    r"Tried to allocate (\d+ bytes|\d+\.\d\d (KB|MB)) on private pool\."
+    r"MPS backend out of memory \(MPS allocated: \d+\.\d\d (KB|MB|GB), other allocations: 0 bytes\)\. "
+    r"Tried to allocate (\d+ bytes|\d+\.\d\d (KB|MB|GB)) on private pool\."
 )
+# The smallest Mac there is, and a high watermark that leaves the tiny model about a megabyte (low kept in torch's
+# proportion to it): a run that cannot fit, on a Mac that exists.
+SMALLEST_MAC = "macos=14.5,torch=2.5,memory=8GiB"
+TINY_HIGH_WATERMARK = 0.0002075
+
+
+@pytest.fixture
+def tiny_budget(monkeypatch):
+    monkeypatch.setenv("PYTORCH_MPS_HIGH_WATERMARK_RATIO", str(TINY_HIGH_WATERMARK))
+    monkeypatch.setenv("PYTORCH_MPS_LOW_WATERMARK_RATIO", str(TINY_HIGH_WATERMARK * 1.4 / 1.7))
 
 
 @pytest.fixture(autouse=True)
@@ -225,10 +235,10 @@ def test_training_fits_a_large_mac(simulators):
     assert 0 < simulator.peak_bytes <= simulator.budget_bytes
 
 
-def test_training_runs_out_of_memory_on_a_tiny_mac_with_the_mps_text(simulators):
-    simulator = simulators("macos=14.5,torch=2.5,memory=1MiB")
-    # max allowed = 1.7 x recommendedMaxWorkingSetSize (two thirds of 1 MiB) = 1188385 bytes
-    assert simulator.budget_bytes == 1188385
+def test_training_runs_out_of_memory_under_a_tiny_limit_with_the_mps_text(simulators, tiny_budget):
+    simulator = simulators(SMALLEST_MAC)
+    # max allowed = high watermark x recommendedMaxWorkingSetSize (two thirds of 8 GiB) = 1188274 bytes
+    assert simulator.budget_bytes == int(TINY_HIGH_WATERMARK * simulator.facts.recommended_max_bytes) == 1188274
     model = tiny_llama()
     simulator.adopt(model)
     with pytest.raises(RuntimeError) as raised:
@@ -243,8 +253,8 @@ def test_training_runs_out_of_memory_on_a_tiny_mac_with_the_mps_text(simulators)
     assert simulator.runtime.report.data["events"][-1] == {"kind": "simulated_oom", "step": None, "detail": text}
 
 
-def test_outputs_of_an_op_that_runs_out_of_memory_are_dropped(simulators):
-    simulator = simulators("macos=14.5,torch=2.5,memory=1MiB")
+def test_outputs_of_an_op_that_runs_out_of_memory_are_dropped(simulators, tiny_budget):
+    simulator = simulators(SMALLEST_MAC)
     layer = torch.nn.Linear(4, 4)
     simulator.adopt(layer)
     kept = [torch.randn(120_000), torch.randn(60_000)]
@@ -279,11 +289,12 @@ def test_memory_fraction_wants_a_float_in_range(simulators):
 
 
 def test_a_buffer_larger_than_metal_allows_is_refused(simulators):
-    simulator = simulators("macos=14.5,torch=2.5,memory=1MiB")
+    simulator = simulators(SMALLEST_MAC)
     simulator.adopt(torch.nn.Linear(4, 4))
+    # Metal's limit is about the recommended working set, 5.33 GB on an 8 GiB Mac (the CPU's pages are never touched)
     with pytest.raises(RuntimeError) as raised:
-        torch.empty(700_000, dtype=torch.uint8)
-    assert str(raised.value) == "Invalid buffer size: 683.59 KB"
+        torch.empty(simulator.facts.recommended_max_bytes, dtype=torch.uint8)
+    assert str(raised.value) == "Invalid buffer size: 5.33 GB"
 
 
 def test_format_size_follows_the_emulated_torch():
@@ -324,12 +335,13 @@ def test_both_watermarks_set_the_limit(simulators, monkeypatch):
 
 def test_high_watermark_zero_lifts_the_limit_to_the_machine(simulators, monkeypatch):
     monkeypatch.setenv("PYTORCH_MPS_HIGH_WATERMARK_RATIO", "0.0")
-    simulator = simulators("macos=14.5,torch=2.5,memory=1MiB")
-    assert simulator.budget_bytes == 2**20
-    model = tiny_llama()
-    simulator.adopt(model)
+    simulator = simulators(SMALLEST_MAC)
+    assert simulator.budget_bytes == 8 * 2**30
+    simulator.adopt(torch.nn.Linear(4, 4))
+    # buffers each below Metal's largest: 7 GB fit in the 8 GiB Mac, 10.5 GB do not (the CPU's pages are never touched)
+    kept = [torch.empty(3_500_000_000, dtype=torch.uint8) for _ in range(2)]  # noqa: F841 (held)
     with pytest.raises(RuntimeError) as raised:
-        train(model, steps=3)
+        torch.empty(3_500_000_000, dtype=torch.uint8)
     assert OOM_WITHOUT_LIMIT.fullmatch(str(raised.value)), str(raised.value)
 
 
@@ -344,7 +356,8 @@ BF16_ERRORS = {
 
 @pytest.mark.parametrize("torch_version", sorted(BF16_ERRORS))
 def test_bf16_is_refused_with_the_real_text(simulators, torch_version):
-    simulator = simulators(f"macos=13.6,torch={torch_version},memory=16GiB")
+    # torch 2.0 is below what a simulation profile may name (shim/capabilities.py); the simulator still knows its text
+    simulator = simulators(SimulationProfile(macos="13.6", torch=torch_version, memory_bytes=16 * 2**30))
     expected = BF16_ERRORS[torch_version]
     with pytest.raises(TypeError) as raised:
         simulator.adopt(tiny_llama(torch.bfloat16))
