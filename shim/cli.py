@@ -1,8 +1,11 @@
-"""The `mps-shim` command (interface.md sections 1-3).
+"""The `mps-shim` command (docs/user-contract.md).
 
     mps-shim [OPTIONS] PROGRAM [ARGS]...     run PROGRAM with the shim (also: mps-shim run PROGRAM ...)
     mps-shim [OPTIONS] doctor [--json]       what this machine can do and what the shim would choose
     mps-shim [OPTIONS] plan PROGRAM [ARGS]   run PROGRAM up to where training would start, print the plan, exit 0
+
+This module and shim/startup.py are the only places that turn the shim's exceptions (shim/errors.py) into one line
+on stderr and an exit status.
 """
 from __future__ import annotations
 
@@ -12,23 +15,22 @@ import sys
 
 import click
 
-from mps_shim.config import ENV, PLAN_ONLY, PRECISIONS, ShimConfigError, load_options, parse_option
-from mps_shim.launcher import LaunchError, exec_program, is_python_script, prepare_environment, run_script
-from mps_shim.plan import PlanError
+from mps_shim.config import ENV, PLAN_ONLY, PRECISIONS, flag, kill_switch, load_options, source_of
+from mps_shim.errors import PlanError, PlanReached, ShimConfigError, ShimError
+from mps_shim.launcher import exec_program, find_program, is_python_script, prepare_environment, run_script
 
 _OPTION_HELP = {
     "precision": f"Mixed precision: {', '.join(PRECISIONS)} (default auto).",
     "memory_limit": "Memory budget, e.g. 12GiB, 800MiB or bytes (default: what the device recommends).",
     "simulate": "Simulate an Apple GPU: 1, or e.g. macos=13.6,torch=2.2,memory=16GiB.",
-    "report": "Write the JSON report to this file.",
+    "report": "Write the JSON report to this file (doctor: its findings).",
     "log_level": "quiet, info or debug (default info).",
 }
 
 
 def _shared_options(command):
     for name in reversed(list(ENV)):
-        flag = "--" + name.replace("_", "-")
-        command = click.option(flag, name, default=None, metavar="VALUE", help=f"{_OPTION_HELP[name]} [{ENV[name]}]")(
+        command = click.option(flag(name), name, default=None, metavar="VALUE", help=f"{_OPTION_HELP[name]} [{ENV[name]}]")(
             command
         )
     return command
@@ -43,10 +45,20 @@ class _ProgramFirstGroup(click.Group):
         return "run", self.commands["run"], args
 
 
-def _resolve(ctx: click.Context, given: dict) -> dict:
-    """Options from the group and the subcommand (the subcommand's win), validated with the flag's name."""
-    merged = {**(ctx.obj or {}), **{k: v for k, v in given.items() if v is not None}}
-    return {name: parse_option(name, value, "--" + name.replace("_", "-")) for name, value in merged.items()}
+class _ProgramCommand(click.Command):
+    """`run` and `plan`: everything after PROGRAM is the program's own, `--help` included; `--help` in the place of
+    PROGRAM is ours."""
+
+    def parse_args(self, ctx, args):
+        if args[:1] in (["--help"], ["-h"]):
+            click.echo(ctx.get_help())
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
+
+def _given(ctx: click.Context, given: dict) -> dict:
+    """Options from the group and the subcommand (the subcommand's win), as typed; judged by load_options."""
+    return {**(ctx.obj or {}), **{k: v for k, v in given.items() if v is not None}}
 
 
 _PASS_THROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}
@@ -61,23 +73,22 @@ def cli(ctx, **given):
     ctx.obj = {k: v for k, v in given.items() if v is not None}
 
 
-@cli.command(context_settings=_PASS_THROUGH, add_help_option=False)
+@cli.command(cls=_ProgramCommand, context_settings=_PASS_THROUGH, add_help_option=False)
 @click.argument("program")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run(ctx, program, args):
     """Run PROGRAM [ARGS]... with the shim active in it and in every Python process it starts."""
-    return _launch(_resolve(ctx, {}), program, list(args))
+    return _launch(_given(ctx, {}), program, list(args))
 
 
-@cli.command(context_settings=_PASS_THROUGH, add_help_option=False)
+@cli.command(cls=_ProgramCommand, context_settings=_PASS_THROUGH, add_help_option=False)
 @click.argument("program")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def plan(ctx, program, args):
     """Run PROGRAM up to where training would start, print every change and the memory plan, exit 0."""
-    os.environ[PLAN_ONLY] = "1"
-    return _launch(_resolve(ctx, {}), program, list(args))
+    return _launch(_given(ctx, {}), program, list(args), plan_only=True)
 
 
 @cli.command()
@@ -85,28 +96,42 @@ def plan(ctx, program, args):
 @_shared_options
 @click.pass_context
 def doctor(ctx, as_json, **given):
-    """The machine, library versions, device capabilities and the precision the shim would choose, with reasons."""
+    """The machine, library versions, device capabilities and the precision the shim would choose, with reasons.
+    With --report FILE, the same findings are also written to FILE as JSON."""
     from mps_shim.doctor import diagnose, render
+    from mps_shim.report import write_json
 
-    options = load_options(**_resolve(ctx, given))
+    options = load_options(flags=True, **_given(ctx, given))
     findings = diagnose(options)
+    if options.report is not None:
+        try:
+            write_json(options.report, findings)
+        except OSError as error:
+            source = source_of(options, "report")
+            raise ShimConfigError(f"{source}={options.report!r} cannot be written: {error.strerror}") from None
     click.echo(json.dumps(findings, indent=2) if as_json else render(findings))
 
 
-def _launch(options: dict, program: str, args: list[str]):
+def _launch(given: dict, program: str, args: list[str], plan_only: bool = False):
     """What to do once click is done: launching happens outside click so Ctrl-C and exit codes are the program's."""
 
     def launch():
-        from mps_shim.config import kill_switch
+        import mps_shim
 
-        resolved = load_options(**options)
+        options = load_options(flags=True, **given)
+        python_script = is_python_script(program)
+        if not python_script:
+            find_program(program)  # a missing or unrunnable program stops here, before any work
+        # Under MPS_SHIM=1 the start-up hook may have activated this process from the environment: the command's
+        # options replace that, and what the hook set in the environment must not reach the program as the user's.
+        mps_shim.deactivate()
         if not kill_switch():
-            _check_precision_before_launch(resolved)
-            prepare_environment(resolved)
-        if is_python_script(program):
-            import mps_shim
-
-            mps_shim.activate(**options)
+            _check_precision_before_launch(options)
+            if plan_only:
+                os.environ[PLAN_ONLY] = "1"
+            prepare_environment(options)
+        if python_script:
+            mps_shim.activate(**{name: getattr(options, name) for name in ENV})
             run_script(program, args)
         else:
             exec_program(program, args)
@@ -115,13 +140,25 @@ def _launch(options: dict, program: str, args: list[str]):
 
 
 def _check_precision_before_launch(options) -> None:
-    """A forced precision this Mac cannot run is refused here, before the program starts any work."""
+    """A forced precision this Mac cannot run is refused here, before the program starts any work, naming the
+    variable or the flag it came from."""
     if options.precision == "auto":
         return
     from mps_shim.device import detect
-    from mps_shim.plan import check_forced_precision
+    from mps_shim.plan import precision_support
 
-    check_forced_precision(detect(options), options.precision)  # detect imports torch only off simulation
+    refusal = precision_support(detect(options), options.precision)  # detect imports torch only off simulation
+    if refusal:
+        source = source_of(options, "precision")
+        given = f"{source} {options.precision}" if source.startswith("--") else f"{source}={options.precision}"
+        raise PlanError(f"{given} cannot run on this Mac: {refusal}")
+
+
+def _stop(error: BaseException) -> None:
+    """The one line of a shim exception, and its exit status (shim/errors.py)."""
+    if str(error):
+        click.echo(f"mps-shim: {error}", err=True)
+    sys.exit(error.exit_status)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,12 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             action()
         elif isinstance(action, int):
             sys.exit(action)
-    except (ShimConfigError, PlanError) as error:
-        click.echo(f"mps-shim: {error}", err=True)
-        sys.exit(2)
-    except LaunchError as error:
-        click.echo(f"mps-shim: {error}", err=True)
-        sys.exit(error.exit_code)
+    except (ShimError, PlanReached) as error:
+        _stop(error)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.ClickException as error:

@@ -1,4 +1,4 @@
-"""Running the user's program under the shim (interface.md section 1, the prefix forms).
+"""Running the user's program under the shim (docs/user-contract.md, the prefix forms).
 
 A Python script (`mps-shim train.py ...`) runs in this process, exactly as `python train.py ...` would: same
 `sys.argv[1:]`, `__name__ == "__main__"`, the script's folder first on `sys.path`. Anything else (`bash run_sft.sh`,
@@ -14,14 +14,11 @@ import shutil
 import sys
 
 from mps_shim.config import Options, to_environ
+from mps_shim.errors import LaunchError
 
-
-class LaunchError(Exception):
-    """The program cannot be started; the message is the one line to print."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+# What a shell exits with for a program it cannot find, and for one it finds but cannot execute.
+NOT_FOUND = 127
+CANNOT_EXECUTE = 126
 
 
 def prepare_environment(options: Options) -> None:
@@ -45,9 +42,22 @@ def run_script(path: str, args: list[str]) -> None:
     runpy.run_path(path, run_name="__main__")
 
 
-def exec_program(program: str, args: list[str]) -> None:
-    """Replace this process with the program; its exit status and signals are then the user's directly."""
+def find_program(program: str) -> str:
+    """The file that would run, found as a shell finds it; one line and a shell's exit status if there is none."""
     resolved = program if os.sep in program else shutil.which(program)
     if resolved is None or not os.path.exists(resolved):
-        raise LaunchError(f"{program}: command not found", 127)  # what a shell exits with
-    os.execv(resolved, [program, *args])
+        raise LaunchError(f"{program}: command not found", NOT_FOUND)
+    if os.path.isdir(resolved):
+        raise LaunchError(f"{program}: Is a directory", CANNOT_EXECUTE)
+    if not os.access(resolved, os.X_OK):
+        raise LaunchError(f"{program}: Permission denied", CANNOT_EXECUTE)
+    return resolved
+
+
+def exec_program(program: str, args: list[str]) -> None:
+    """Replace this process with the program; its exit status and signals are then the user's directly."""
+    resolved = find_program(program)
+    try:
+        os.execv(resolved, [program, *args])
+    except OSError as error:  # e.g. a script whose #! names no interpreter, or a file that is no program
+        raise LaunchError(f"{program}: {error.strerror}", CANNOT_EXECUTE) from None

@@ -1,7 +1,10 @@
-"""The three ways to switch the shim on (interface.md section 1) and the kill switch."""
+"""The ways to switch the shim on (docs/user-contract.md), who activates in each, and the kill switch."""
+import sys
 import textwrap
 
-from support import clean_env, python
+import pytest
+
+from support import clean_env, python, run
 
 HEAVY = ("torch", "transformers", "accelerate", "peft")
 
@@ -76,3 +79,52 @@ def test_fallback_variable_is_set_before_torch_on_a_mac():
     code = "import mps_shim, os, torch; print(os.environ.get('PYTORCH_ENABLE_MPS_FALLBACK'))"
     assert python(code, env=clean_env(MPS_SHIM_SIMULATE="1"), check=True).stdout.strip() == "1"
     assert python(code, env=clean_env(), check=True).stdout.strip() == "None"  # not a Mac: nothing to set
+
+
+def test_the_entry_points_activate_not_the_import():
+    # The command and the start-up hook import mps_shim_entry before the package: activating is then theirs.
+    code = "import mps_shim_entry, sys, mps_shim; print(mps_shim.report()['active'], 'mps_shim.startup' in sys.modules)"
+    assert python(code, env=clean_env(MPS_SHIM_PRECISION="bf17"), check=True).stdout.split() == ["False", "False"]
+    # and importing it costs nothing: it imports nothing
+    bare = python("import sys; before = set(sys.modules); import mps_shim_entry; print(sorted(set(sys.modules) - before))",
+                  check=True)
+    assert bare.stdout.strip() == "['mps_shim_entry']"
+
+
+EXIT_STATUS_OF = """
+import sys
+from mps_shim import errors
+kind = sys.argv[1]
+if kind == "PlanError":
+    raise errors.PlanError("--precision bf16 cannot run on this Mac: why")
+if kind == "MemoryPlanError":
+    raise errors.MemoryPlanError("the run needs 40 GiB")
+if kind == "PlanReached":
+    raise errors.PlanReached()
+raise ValueError("not ours")
+"""
+
+
+@pytest.mark.parametrize(
+    "kind, status, stderr",
+    [
+        ("PlanError", 2, "mps-shim: --precision bf16 cannot run on this Mac: why\n"),
+        ("MemoryPlanError", 3, "mps-shim: the run needs 40 GiB\n"),
+        ("PlanReached", 0, ""),
+    ],
+)
+def test_the_startup_hook_maps_the_shims_exceptions_to_their_exit_status(tmp_path, kind, status, stderr):
+    script = tmp_path / "x.py"
+    script.write_text(EXIT_STATUS_OF)
+    result = run([sys.executable, script, kind], env=clean_env(MPS_SHIM="1"))
+    assert (result.returncode, result.stderr) == (status, stderr)
+    # without the hook (import mps_shim, or no shim at all) they are ordinary exceptions
+    plain = run([sys.executable, script, kind], env=clean_env())
+    assert plain.returncode == 1 and "Traceback" in plain.stderr
+
+
+def test_the_startup_hook_leaves_other_exceptions_to_python(tmp_path):
+    script = tmp_path / "x.py"
+    script.write_text(EXIT_STATUS_OF)
+    result = run([sys.executable, script, "other"], env=clean_env(MPS_SHIM="1"))
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == "ValueError: not ours"

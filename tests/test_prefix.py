@@ -1,4 +1,4 @@
-"""The prefix command: `mps-shim script.py ...` and `mps-shim <any launcher> ...` (interface.md section 1)."""
+"""The prefix command: `mps-shim script.py ...` and `mps-shim <any launcher> ...` (docs/user-contract.md)."""
 import json
 import os
 import signal
@@ -113,3 +113,56 @@ def test_kill_switch_runs_the_program_unshimmed(tmp_path):
     assert json.loads(result.stdout) == {"active": False}
     child = run([MPS_SHIM, "bash", "-c", f"{sys.executable} {script}"], env=clean_env(MPS_SHIM="0"), check=True)
     assert json.loads(child.stdout) == {"active": False}
+
+
+@pytest.mark.parametrize("kind", ["folder", "file without the run bit"])
+def test_a_program_that_cannot_be_executed_is_one_line_and_126(tmp_path, kind):
+    program = tmp_path / "thing"
+    if kind == "folder":
+        program.mkdir()
+        said = "Is a directory"
+    else:
+        program.write_text("#!/bin/sh\necho ran\n")
+        program.chmod(0o644)
+        said = "Permission denied"
+    result = run([MPS_SHIM, program])
+    assert (result.returncode, result.stdout, result.stderr) == (126, "", f"mps-shim: {program}: {said}\n")
+    shell = run(["bash", "-c", f"{program}"])  # what a shell says, for comparison
+    assert shell.returncode == 126 and said in shell.stderr
+
+
+def test_a_script_whose_interpreter_is_missing_is_one_line_and_126(tmp_path):
+    program = tmp_path / "thing"
+    program.write_text("#!/no/such/interpreter\necho ran\n")
+    program.chmod(0o755)
+    result = run([MPS_SHIM, program])
+    assert (result.returncode, result.stderr) == (126, f"mps-shim: {program}: No such file or directory\n")
+
+
+@pytest.mark.parametrize("subcommand", ["run", "plan"])
+@pytest.mark.parametrize("asking", ["--help", "-h"])
+def test_help_of_run_and_plan(subcommand, asking, script_dir):
+    result = run([MPS_SHIM, subcommand, asking])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"Usage: mps-shim {subcommand} [OPTIONS] PROGRAM [ARGS]...")
+    # after the program, --help is the program's own
+    passed = run([MPS_SHIM, subcommand, script_dir / "train.py", asking])
+    assert json.loads(passed.stdout)["argv"] == [asking]
+
+
+@pytest.mark.parametrize("form", ["option", "variable"])
+def test_an_impossible_precision_names_where_it_was_given(tmp_path, form):
+    script = tmp_path / "x.py"
+    script.write_text("print('ran')\n")
+    fp16_mac = {"MPS_SHIM_SIMULATE": "macos=14.5,torch=2.5,memory=16GiB"}
+    if form == "option":
+        result = run([MPS_SHIM, "--precision", "bf16", script], env=clean_env(**fp16_mac))
+        given = "--precision bf16"
+    else:
+        result = run([MPS_SHIM, script], env=clean_env(MPS_SHIM_PRECISION="bf16", **fp16_mac))
+        given = "MPS_SHIM_PRECISION=bf16"
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.strip().splitlines() == [
+        f"mps-shim: {given} cannot run on this Mac: MPS autocast in bf16 needs torch>=2.6 and macOS 14 "
+        "(torch 2.5, macOS 14.5)"
+    ]

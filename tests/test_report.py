@@ -1,12 +1,17 @@
-"""The report file (interface.md section 5): its keys and types, when it is written, and when it is not."""
+"""The report file (docs/user-contract.md, "The report"): its keys and types, when it is written, and when it is not;
+where it cannot be written; the one report of a run of several processes."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import textwrap
 
 import pytest
 
-from support import clean_env, python, read_json
+from support import MPS_SHIM, clean_env, python, read_json, run
 
 OPTIONAL_STR = (str, type(None))
 OPTIONAL_INT = (int, type(None))
@@ -149,7 +154,7 @@ def test_a_crash_leaves_a_valid_report(tmp_path, crash):
     report = json.loads(report_path.read_text())  # a whole JSON document, not half a file
     assert schema_problems(report) == []
     assert "TrainingArguments.bf16" in [change["target"] for change in report["changes"]]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mps-shim-report.")], "temporary files left"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left"
 
 
 @pytest.mark.parametrize("code", ["pass", "import mps_shim", "import mps_shim, torch"])
@@ -167,3 +172,177 @@ def test_report_when_the_shim_is_off():
     assert report["active"] is False
     assert report["changes"] == [] and report["events"] == []
     assert isinstance(report["shim_version"], str)
+
+
+# -- a report path that cannot be written --------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["below a file", "/proc", "/sys"])
+def unwritable_report(request, tmp_path):
+    """A report path no process can write, root included (a read-only folder would not stop root)."""
+    if request.param == "below a file":
+        (tmp_path / "a-file").write_text("")
+        return str(tmp_path / "a-file" / "report.json")
+    return f"{request.param}/mps-shim-test/report.json"
+
+
+def test_an_unwritable_report_stops_the_command_before_any_work(tmp_path, unwritable_report):
+    script = tmp_path / "x.py"
+    script.write_text("print('ran')\n")
+    result = run([MPS_SHIM, "--report", unwritable_report, script])
+    assert (result.returncode, result.stdout) == (2, "")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mps-shim: --report={unwritable_report!r} cannot be written: ")
+
+
+def test_an_unwritable_report_stops_the_hook_and_raises_in_python(unwritable_report):
+    result = python("print('ran')", env=clean_env(MPS_SHIM="1", MPS_SHIM_REPORT=unwritable_report))
+    assert (result.returncode, result.stdout) == (2, "")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mps-shim: MPS_SHIM_REPORT={unwritable_report!r} cannot be written: ")
+    code = (
+        "import mps_shim\n"
+        f"try:\n    mps_shim.activate(report={unwritable_report!r})\n"
+        "except mps_shim.ShimConfigError as error:\n    print(error)\n"
+    )
+    said = python(code, check=True).stdout.strip()
+    assert said.startswith(f"report={unwritable_report!r} cannot be written: ")
+
+
+def test_a_report_that_can_no_longer_be_written_is_one_warning_and_the_run_goes_on(tmp_path):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    code = textwrap.dedent(
+        f"""
+        import json, shutil
+        import mps_shim, torch
+        from transformers import TrainingArguments
+        shutil.rmtree({str(folder)!r}); open({str(folder)!r}, "w").close()  # the report's folder is now a file
+        TrainingArguments(output_dir={str(tmp_path / "out")!r}, bf16=True, report_to=[])
+        TrainingArguments(output_dir={str(tmp_path / "out")!r}, fp16=True, report_to=[])
+        print(json.dumps([change["target"] for change in mps_shim.report()["changes"]]))
+        """
+    )
+    env = clean_env(MPS_SHIM_SIMULATE="macos=14.5,torch=2.5", MPS_SHIM_REPORT=str(folder / "report.json"))
+    result = python(code, env=env, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "TrainingArguments.bf16" in json.loads(result.stdout.strip().splitlines()[-1])  # the patches still work
+    warnings = [line for line in result.stderr.splitlines() if "cannot write the report" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"mps-shim: cannot write the report to {folder / 'report.json'}")
+
+
+# -- one run, several processes, one report ------------------------------------------------------------------------
+
+LAUNCHER = """
+import subprocess, sys
+import torch  # a launcher that is a Python process with the shim active, as accelerate launch and torchrun are
+sys.exit(subprocess.run([sys.executable, *sys.argv[1:]]).returncode)
+"""
+TRAINER = """
+from transformers import TrainingArguments
+TrainingArguments(output_dir=OUTPUT, bf16=True, report_to=[])
+"""
+
+
+def launched_run(tmp_path, *launcher):
+    (tmp_path / "launcher.py").write_text(LAUNCHER)
+    (tmp_path / "train.py").write_text(TRAINER.replace("OUTPUT", repr(str(tmp_path / "out"))))
+    report = tmp_path / "report.json"
+    result = run([MPS_SHIM, "--simulate", "1", "--report", report, *launcher, tmp_path / "train.py"], cwd=tmp_path,
+                 timeout=300)
+    assert result.returncode == 0, result.stderr
+    return read_json(report)
+
+
+def test_the_report_of_a_launched_run_is_the_training_process(tmp_path):
+    report = launched_run(tmp_path, "python", tmp_path / "launcher.py")
+    assert schema_problems(report) == []
+    assert report["precision"]["requested"] == "bf16" and report["precision"]["chosen"] == "bf16"
+    launcher, trainer = report["processes"]
+    assert launcher["argv"][0].endswith("launcher.py") and trainer["argv"][0].endswith("train.py")
+    # the events and changes of both processes are kept, each marked with its process
+    by_process = {entry["pid"] for entry in report["changes"]}
+    assert by_process == {launcher["pid"], trainer["pid"]}
+    assert "TrainingArguments.bf16" in [c["target"] for c in report["changes"] if c["pid"] == trainer["pid"]]
+
+
+def test_the_report_of_accelerate_launch_is_the_training_process(tmp_path):
+    report = launched_run(tmp_path, "accelerate", "launch", "--num_processes", "1", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no")
+    assert report["precision"]["requested"] == "bf16" and report["precision"]["chosen"] == "bf16"
+    assert [process["argv"][0].endswith("train.py") for process in report["processes"]] == [False, True]
+
+
+def test_every_python_process_a_command_starts_writes_into_one_report(tmp_path):
+    (tmp_path / "train.py").write_text(TRAINER.replace("OUTPUT", repr(str(tmp_path / "out"))))
+    (tmp_path / "prepare.py").write_text("import torch\n")  # a change of its own: the variables set before torch
+    report = tmp_path / "report.json"
+    script = f"{sys.executable} prepare.py && {sys.executable} train.py && {sys.executable} prepare.py"
+    result = run([MPS_SHIM, "--simulate", "1", "--report", report, "bash", "-c", script], cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    written = read_json(report)
+    assert [p["argv"][0] for p in written["processes"]] == ["prepare.py", "train.py", "prepare.py"]
+    assert written["precision"]["requested"] == "bf16"  # the training process's, though a later process wrote last
+    assert {c["pid"] for c in written["changes"]} == {p["pid"] for p in written["processes"]}
+
+
+def test_a_report_of_an_earlier_run_is_replaced_not_merged(tmp_path):
+    first = launched_run(tmp_path, "python", tmp_path / "launcher.py")
+    second = launched_run(tmp_path, "python", tmp_path / "launcher.py")
+    assert second["run"] != first["run"] and len(second["processes"]) == 2
+    assert not {p["pid"] for p in first["processes"]} & {p["pid"] for p in second["processes"]}
+
+
+# -- hygiene: the mode of any output file, no temporary files left by killed processes ---------------------------
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_the_report_is_created_with_the_users_umask(tmp_path, umask, mode):
+    report = tmp_path / "report.json"
+    code = "import mps_shim, torch, transformers; transformers.TrainingArguments(output_dir='out', bf16=True, report_to=[])"
+    env = clean_env(MPS_SHIM_SIMULATE="1", MPS_SHIM_REPORT=str(report))
+    result = run(["bash", "-c", f'umask {umask:03o} && exec "$0" -c "$1"', sys.executable, code], env=env,
+                 cwd=tmp_path, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert report.stat().st_mode & 0o777 == mode
+
+
+def test_temporary_files_of_a_process_killed_while_writing_are_removed_by_the_next_writer(tmp_path):
+    report = tmp_path / "report.json"
+    env = clean_env(MPS_SHIM_SIMULATE="1", MPS_SHIM_REPORT=str(report))
+    hangs_while_writing = (
+        "import json, time, mps_shim, transformers\n"
+        "json.dump = lambda *args, **kwargs: (print('writing', flush=True), time.sleep(120))\n"
+        "transformers.TrainingArguments(output_dir='out', bf16=True, report_to=[])\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", hangs_while_writing], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".report.json.")]
+    assert left and all(name.startswith(f".report.json.{process.pid}-") for name in left), left
+    # a temporary file of a process that still runs is not touched
+    alive = tmp_path / f".report.json.{os.getpid()}-1.tmp"
+    alive.write_text("{}")
+
+    result, _ = tiny_run(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [alive.name]
+    assert "TrainingArguments.bf16" in [c["target"] for c in read_json(report)["changes"]]
+
+
+# -- doctor --report -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["doctor --report F", "--report F doctor"])
+def test_doctor_writes_its_findings_to_the_report(tmp_path, where):
+    report = tmp_path / "doctor.json"
+    env = clean_env(MPS_SHIM_SIMULATE="macos=15.1,torch=2.13,memory=16GiB")
+    args = [report if word == "F" else word for word in where.split()]
+    result = run([MPS_SHIM, *args], env=env)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(run([MPS_SHIM, "doctor", "--json"], env=env, check=True).stdout)
+    assert read_json(report) == printed

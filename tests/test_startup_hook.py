@@ -1,4 +1,4 @@
-"""The `MPS_SHIM=1` start-up hook (interface.md section 1) after `pip install .` and after `pip install -e .`.
+"""The `MPS_SHIM=1` start-up hook (docs/user-contract.md) after `pip install .` and after `pip install -e .`.
 
 A full venv with torch takes minutes to build, so each test builds a bare one (`venv --without-pip`) whose
 site-packages holds one .pth line pointing at this stack's site-packages: the shim's dependencies import from there,
@@ -98,6 +98,8 @@ def test_startup_hook_after_install(tmp_path, editable):
         run([interpreter, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True).stdout.strip()
     )
     assert (site_packages / "mps_shim_hook.pth").is_file(), sorted(p.name for p in site_packages.iterdir())
+    # the module the hook and the command import before the package, installed beside it
+    assert (site_packages / "mps_shim_entry.py").is_file(), sorted(p.name for p in site_packages.iterdir())
 
     loaded, where, active = probe(interpreter, MPS_SHIM="1")
     assert loaded and active
@@ -105,8 +107,9 @@ def test_startup_hook_after_install(tmp_path, editable):
     assert Path(where).resolve().parent == expected_home.resolve(), where
 
     assert probe(interpreter) == (False, None, None)
-    assert probe(interpreter, MPS_SHIM="0") == (False, None, None)
-    assert probe(interpreter, MPS_SHIM="") == (False, None, None)
+    for off in ("0", "", "false", "No", "OFF"):  # not even imported: the hook's line costs nothing more
+        assert probe(interpreter, MPS_SHIM=off) == (False, None, None)
+    assert probe(interpreter, MPS_SHIM="Yes")[2] is True
 
     # A bad option given to the hook stops the process with its one line and status 2 (no page of traceback).
     env = clean_env(MPS_SHIM="1", MPS_SHIM_PRECISION="bf17")
@@ -115,3 +118,22 @@ def test_startup_hook_after_install(tmp_path, editable):
     assert bad.stderr.strip().splitlines() == [
         "mps-shim: MPS_SHIM_PRECISION='bf17' is not accepted; use one of auto, bf16, fp16, fp32"
     ]
+
+    # So does a value of MPS_SHIM that is neither on nor off.
+    env = clean_env(MPS_SHIM="2")
+    bad = subprocess.run([str(interpreter), "-c", "print('ran')"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "ran" not in bad.stdout
+    assert bad.stderr.strip().splitlines() == [
+        "mps-shim: MPS_SHIM='2' is neither on nor off; use 1, true, yes or on to switch the shim on, "
+        "0, false, no, off or nothing to switch it off"
+    ]
+
+
+def test_the_command_enters_through_mps_shim_entry(tmp_path):
+    """The console script imports mps_shim_entry before the package, so the command's options win over the
+    environment (shim/mps_shim_entry.py); pyproject.toml's [project.scripts] says so."""
+    interpreter = bare_venv(tmp_path / "venv")
+    project = source_copy(tmp_path / "project")
+    pip_install(interpreter, project, editable=False)
+    script = (interpreter.parent / "mps-shim").read_text()
+    assert "from mps_shim_entry import main" in script, script
