@@ -8,7 +8,7 @@ STACKS := upstream requirements current
 DEMO_STACK ?= current
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench $(STACKS:%=test-%) test-previous clean
+.PHONY: demo test bench evidence $(STACKS:%=test-%) test-previous clean
 
 demo: $(VENV)/$(DEMO_STACK)/.installed
 	$(VENV)/$(DEMO_STACK)/bin/python examples/demo.py
@@ -36,6 +36,10 @@ $(VENV)/previous/.pinned: stacks/previous.txt
 
 bench: $(VENV)/$(DEMO_STACK)/.installed
 	$(VENV)/$(DEMO_STACK)/bin/python benchmarks/run.py
+
+# evidence/torch-macos.json from torch's macOS arm64 wheels (about a gigabyte of downloads, cached in out/evidence-wheels/).
+evidence:
+	$(PYTHON) evidence/extract.py
 
 # torch is pinned in every stack file: pip then takes the CPU build from local disk instead of downloading CUDA.
 $(VENV)/%/.installed: stacks/%.txt stacks/test.txt pyproject.toml setup.py
