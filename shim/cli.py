@@ -121,7 +121,8 @@ def _launch(given: dict, program: str, args: list[str], plan_only: bool = False)
         options = load_options(flags=True, **given)
         python_script = is_python_script(program)
         if not python_script:
-            find_program(program)  # a missing or unrunnable program stops here, before any work
+            find_program(program)  # a missing or unrunnable program stops here, before any work (exec_program
+            # finds it again once this environment's bin is first on PATH, as the program will be run)
         # Under MPS_SHIM=1 the start-up hook may have activated this process from the environment: the command's
         # options replace that, and what the hook set in the environment must not reach the program as the user's.
         mps_shim.deactivate()

@@ -15,8 +15,6 @@ TYPE_CHECKING = False  # typing itself is not imported: `import mps_shim` runs a
 if TYPE_CHECKING:
     from typing import Mapping
 
-__all__ = ["ShimConfigError", "Options", "SimulationProfile", "load_options", "parse_option", "switch", "to_environ"]
-
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LOG_LEVELS = ("quiet", "info", "debug")
 
@@ -94,11 +92,9 @@ def parse_size(value, source: str) -> int:
 
 
 def _memory_limit(value, source: str) -> int:
-    # A Python int is bytes; bool is an int to Python but no size, and a float of bytes is refused as the text "0.5"
-    # is: one rule for every way in.
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ShimConfigError(f"{source}={value!r} is not a size; {_SIZE_ACCEPTED}")
+    # A Python int of at least one byte is a size; anything else that is not text (0, True, 0.5) is refused by
+    # parse_size with the same line as the text "0.5": one rule for every way in.
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     return parse_size(value, source)
 
