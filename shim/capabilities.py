@@ -22,9 +22,11 @@ MAC_MEMORY_SMALLEST = 8 * 10**9
 MAC_MEMORY_LARGEST = 512 * 2**30
 # -----------------------------------------------------------------------------------------------------------------
 
-# The macOS each torch release's MPS needs: MPSDevice finds no device below it ("The MPS backend is supported on MacOS
-# 12.3+" in 2.2-2.5, "13.0+" in 2.6-2.8, "14.0+" from 2.9), although 2.9-2.11 still install on macOS 11+.
-MPS_MACOS_FLOOR = ((Version("2.9"), Version("14.0")), (Version("2.6"), Version("13.0")), (Version("0"), Version("12.3")))
+# The macOS each torch release's MPS needs: MPSDevice finds no device where the MPSGraph selector it probes is missing
+# (a macOS 12.3 one up to 2.4, a macOS 13 one in 2.5-2.8, a macOS 14 one in 2.9-2.14; 2.15 probes none and its wheels
+# need macOS 14), although 2.9-2.11 still install on macOS 11+. The texts say "12.3+" up to 2.5 and "15.0+" in 2.15:
+# what the device constructor checks decides (evidence/torch-macos.json).
+MPS_MACOS_FLOOR = ((Version("2.9"), Version("14.0")), (Version("2.5"), Version("13.0")), (Version("0"), Version("12.3")))
 MPS_MIN_MACOS = Version("12.3")
 # torch releases whose Mac wheels need macOS 14 to install (macosx_14_0_arm64 from 2.12.0 on).
 TORCH_NEEDS_MACOS_14 = Version("2.12")
@@ -161,7 +163,7 @@ def check_mac(torch_version: str, macos: str) -> str | None:
     floor = mps_macos_floor(torch_version)
     if macos_release < floor:
         return (
-            f"torch {torch_version} has no MPS device below macOS {floor} (\"The MPS backend is supported on MacOS "
-            f"{floor}+\"): it installs on macOS {macos}, but runs on the CPU there"
+            f"torch {torch_version} has no MPS device below macOS {floor} (its MPS device needs a macOS {floor} "
+            f"MPSGraph API): it installs on macOS {macos}, but runs on the CPU there"
         )
     return None

@@ -8,7 +8,7 @@ from mps_shim._version import __version__
 from mps_shim.config import Options
 from mps_shim.device import DeviceFacts, detect
 from mps_shim.plan import PlanError, memory_budget, plan_precision, precision_support
-from mps_shim.report import gib
+from mps_shim.units import size_text
 from mps_shim.versions import TESTED_RANGES, installed_version, out_of_range_lines
 
 LIBRARIES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "datasets")
@@ -136,8 +136,8 @@ def render(findings: dict) -> str:
         lines += [f"probe: {note}; the probe wins" for note in capabilities["probe_notes"]]
     memory = findings["memory"]
     lines.append(
-        f"memory: {gib(memory['total_bytes'])} total, {gib(memory['recommended_max_bytes'])} recommended "
-        f"working set, budget {gib(memory['budget_bytes'])} ({memory['reason']})"
+        f"memory: {size_text(memory['total_bytes'])} total, {size_text(memory['recommended_max_bytes'])} recommended "
+        f"working set, budget {size_text(memory['budget_bytes'])} ({memory['reason']})"
     )
     for label, choice in findings["precision"].items():
         if label == "supported":

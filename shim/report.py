@@ -16,6 +16,7 @@ import logging
 import os
 
 from mps_shim._version import __version__
+from mps_shim.units import size_text
 
 TYPE_CHECKING = False  # typing itself is not imported: `import mps_shim` runs at the start of every process
 if TYPE_CHECKING:
@@ -298,10 +299,6 @@ class _FolderLock:
             os.close(self.handle)
 
 
-def gib(size: int | None) -> str:
-    return "unknown" if size is None else f"{size / 2**30:.2f} GiB"
-
-
 def show_value(value: Any) -> str:
     """How a changed value is written in the log: strings as they are, anything else as its repr."""
     return value if isinstance(value, str) and value else repr(value)
@@ -311,7 +308,10 @@ def render_plan(data: dict[str, Any]) -> str:
     """`mps-shim plan`: every change and the precision, batch and memory plan, as lines a person reads."""
     precision, batch, memory = data["precision"], data["batch"], data["memory"]
     lines = ["mps-shim plan (no training was run)"]
-    lines += [f"  change: {c['target']}: {show_value(c['from'])} -> {show_value(c['to'])} ({c['reason']})" for c in data["changes"]]
+    lines += [
+        f"  change: {c['target']}: {show_value(c['from'])} -> {show_value(c['to'])} ({c['reason']})"
+        for c in data["changes"]
+    ]
     if precision:
         lines.append(
             f"  precision: {precision['chosen']} (asked {precision['requested']}), frozen weights "
@@ -324,7 +324,11 @@ def render_plan(data: dict[str, Any]) -> str:
             f"  batch: micro-batch {batch['micro_batch']} x accumulation {batch['gradient_accumulation_steps']} x "
             f"{batch['world_size']} process(es) = effective {batch['effective_batch']}"
         )
-    lines.append(
-        f"  memory: estimated peak {gib(memory['estimated_peak_bytes'])} of budget {gib(memory['budget_bytes'])}"
-    )
+    if memory.get("diagnosis"):
+        lines.append(f"  memory: {memory['diagnosis']}")
+    else:
+        lines.append(
+            f"  memory: estimated peak {size_text(memory['estimated_peak_bytes'])} of budget "
+            f"{size_text(memory['budget_bytes'])}"
+        )
     return "\n".join(lines)

@@ -152,6 +152,6 @@ def test_a_torch_and_macos_pair_without_mps_is_refused_with_the_reason():
     result = run([MPS_SHIM, "--simulate", "macos=13.6,torch=2.10", "doctor"])
     assert result.returncode == 2
     assert result.stderr.strip().endswith(
-        'torch 2.10 has no MPS device below macOS 14.0 ("The MPS backend is supported on MacOS 14.0+"): it installs '
+        "torch 2.10 has no MPS device below macOS 14.0 (its MPS device needs a macOS 14.0 MPSGraph API): it installs "
         "on macOS 13.6, but runs on the CPU there"
     )
