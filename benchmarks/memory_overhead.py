@@ -1,4 +1,4 @@
-"""What memory safety costs (issue 5), measured side by side in one run on the simulated Apple GPU.
+"""What memory safety costs, measured side by side in one run on the simulated Apple GPU.
 
     .venv/current/bin/python benchmarks/memory_overhead.py [--repeats 5] [--steps 10] [--no-example] [--json PATH]
 

@@ -109,7 +109,7 @@ def activation_bytes(
     Per token and layer of a LLaMA-style decoder: the residual stream and RMSNorm statistics in fp32 (trainable fp32
     embeddings make the residual fp32), the inputs and outputs of the projections (LoRA's dropout and A outputs
     included) in the compute dtype, q/k/v and their rotary copies, the MLP's gate, up, activation and product.
-    Attention on MPS materialises the full score matrix in fp32 for q_len > 8 (matrix C(h)): B x heads x S x S x 4
+    Attention on MPS materialises the full score matrix in fp32 for q_len > 8 (docs/mps-facts.md): B x heads x S x S x 4
     per layer, kept for backward. The head: logits in the compute dtype, their fp32 upcast, the shifted copy, the
     log-softmax and, at the start of backward, their gradient (all B x S x V).
     With checkpointing, each layer keeps only its input, and one layer's activations live again during recompute.

@@ -1,4 +1,4 @@
-"""`mps-shim doctor` (interface.md section 2), run as a user would."""
+"""`mps-shim doctor`, run as a user would (docs/user-contract.md)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The example's command-line surface is the upstream's (shared/reference/upstream-sft-script.md §1),
+"""The example's command-line surface is the upstream's (the same argument names, types and defaults),
 and run_sft.sh passes the upstream's flags, with a seed even under sh."""
 
 import dataclasses

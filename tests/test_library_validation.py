@@ -49,12 +49,13 @@ def accelerate_refusal(precision: str) -> str:
 
 
 def mixed_precision_handed_to_accelerate(args) -> str:
-    # transformers 4.x passes it through the environment, 5.x as an argument (matrix A3)
+    # transformers 4.x passes it through the environment, 5.x as an argument (docs/mps-facts.md, libraries)
     return getattr(args, "mixed_precision", None) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
 
 
 @pytest.mark.skipif(
-    (4, 42) <= TRANSFORMERS.release < (4, 52), reason="transformers 4.42-4.51 do not check bf16 on MPS (matrix A1)"
+    (4, 42) <= TRANSFORMERS.release < (4, 52),
+    reason="transformers 4.42-4.51 do not check bf16 on MPS (docs/mps-facts.md, libraries)",
 )
 def test_transformers_refuses_bf16_without_the_shim(mac_on_macos_13, tmp_path):
     from transformers import TrainingArguments
@@ -77,7 +78,7 @@ def test_accelerate_refuses_without_the_shim(mac_on_macos_13, precision):
     from accelerate import Accelerator
 
     if precision == "fp16" and ACCELERATE.release >= (1, 11):
-        pytest.skip("accelerate 1.11+ accepts fp16 on MPS with torch >= 2.8 (matrix B1)")
+        pytest.skip("accelerate 1.11+ accepts fp16 on MPS with torch >= 2.8 (docs/mps-facts.md, libraries)")
     with pytest.raises(ValueError, match=re.escape(accelerate_refusal(precision))):
         Accelerator(mixed_precision=precision)
 

@@ -1,4 +1,4 @@
-"""Memory as a solved problem (issue 5): budget, preflight, exact splitting, out-of-memory recovery, watch.
+"""Memory as a solved problem: budget, preflight, exact splitting, out-of-memory recovery, watch.
 
 Unit tests of shim/memory.py's decisions, then real in-process Trainer runs of a tiny LLaMA with LoRA and
 `modules_to_save` on the simulated Apple GPU with tight budgets (`memory_limit=`), on whatever stack runs them.

@@ -17,7 +17,7 @@ OPTIONAL_STR = (str, type(None))
 OPTIONAL_INT = (int, type(None))
 PRECISIONS = ("bf16", "fp16", "fp32")
 
-# section -> {key: accepted types}; from interface.md section 5, word for word.
+# section -> {key: accepted types}; the report keys of docs/user-contract.md, word for word.
 SCHEMA = {
     "device": {
         "type": (str,),

@@ -1,6 +1,6 @@
 """SFT data pipeline of the example, with the data semantics of the upstream build_dataset.py.
 
-Written for mps-shim from the description in shared/reference/upstream-sft-script.md (section 3);
+Written for mps-shim from a description of the upstream data loader (its code is not copied);
 it keeps the upstream behaviour on purpose, quirks included, because the shim is tested against it:
 
 - each file is a JSON array (or JSON lines) of {"instruction", "input", "output"} records;

@@ -1,7 +1,7 @@
 """Instruction fine-tuning (SFT) of a causal LM with LoRA: mps-shim's stand-in for the upstream
 Chinese-LLaMA-Alpaca-3 `scripts/training/run_clm_sft_with_peft.py`.
 
-Written for mps-shim from shared/reference/upstream-sft-script.md. It keeps the upstream's
+Written for mps-shim from a description of the upstream script (Apache-2.0; its code is not copied). It keeps the upstream's
 command-line surface (same argument names, types and defaults) and the upstream's CUDA habits
 on purpose: `device_map={"": LOCAL_RANK}`, bf16 from the command line, bitsandbytes for 4/8 bits,
 flash-attention on request, `Trainer(tokenizer=...)`. Those are what break on a Mac, and this
