@@ -133,11 +133,32 @@ def _launch(given: dict, program: str, args: list[str], plan_only: bool = False)
             prepare_environment(options)
         if python_script:
             mps_shim.activate(**{name: getattr(options, name) for name in ENV})
+            if not plan_only and mps_shim.runtime.current() is not None:
+                _hold_awake(options, mps_shim.runtime.current().report)
             run_script(program, args)
         else:
+            if not plan_only and not kill_switch():
+                _hold_awake(options)
             exec_program(program, args)
 
     return launch
+
+
+def _hold_awake(options, report=None) -> None:
+    """On a Mac: battery and Low Power Mode said now, and no sleep until the program ends (shim/power.py). The
+    program keeps this process's id (it runs in it, or replaces it with exec)."""
+    from mps_shim.power import prepare_long_run
+
+    if report is None:
+        from mps_shim.report import Report
+
+        try:
+            from mps_shim.log import set_level
+        except ImportError:  # the log lines still set up by report.py
+            from mps_shim.report import configure_logging as set_level
+        set_level(options.log_level)
+        report = Report(options.report)  # its run id is inherited: the program's reports merge with it
+    prepare_long_run(report, simulated=options.simulate is not None)
 
 
 def _check_precision_before_launch(options) -> None:
