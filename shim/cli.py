@@ -30,9 +30,8 @@ _OPTION_HELP = {
 
 def _shared_options(command):
     for name in reversed(list(ENV)):
-        command = click.option(flag(name), name, default=None, metavar="VALUE", help=f"{_OPTION_HELP[name]} [{ENV[name]}]")(
-            command
-        )
+        help_text = f"{_OPTION_HELP[name]} [{ENV[name]}]"
+        command = click.option(flag(name), name, default=None, metavar="VALUE", help=help_text)(command)
     return command
 
 

@@ -108,7 +108,9 @@ def _choice(value, source: str, choices: tuple[str, ...]) -> str:
 
 # `MPS_SHIM_SIMULATE=1`: a current Mac (documented in docs/user-contract.md).
 MODERN_MAC = {"macos": "15.1", "memory": "32GiB"}
-_PROFILE_ACCEPTED = "use '1' or comma-separated macos=X.Y, torch=X.Y, memory=SIZE, e.g. macos=13.6,torch=2.2,memory=16GiB"
+_PROFILE_ACCEPTED = (
+    "use '1' or comma-separated macos=X.Y, torch=X.Y, memory=SIZE, e.g. macos=13.6,torch=2.2,memory=16GiB"
+)
 
 
 def parse_simulation(value, source: str, installed_torch: str | None = None) -> SimulationProfile | None:

@@ -115,18 +115,18 @@ class Report:
         self.write()
 
     def document(self) -> dict[str, Any]:
-        """This process's report: `data`, with the keys derived from other sections filled in, each change and event
-        marked with the process that made it, and the run and process it belongs to."""
+        """This process's report: `data`, with the keys derived from other sections filled in, and the run and the
+        process it belongs to (with how many of the changes and events are its own)."""
         import sys
 
-        pid = os.getpid()
-        document = {
-            **self.data,
-            "changes": [{**change, "pid": pid} for change in self.data["changes"]],
-            "events": [{**event, "pid": pid} for event in self.data["events"]],
-            "run": self._run,
-            "processes": [{"pid": pid, "argv": list(sys.argv), "stage": self._stage()}],
+        process = {
+            "pid": os.getpid(),
+            "argv": list(sys.argv),
+            "stage": self._stage(),
+            "change_count": len(self.data["changes"]),
+            "event_count": len(self.data["events"]),
         }
+        document = {**self.data, "run": self._run, "processes": [process]}
         device = self.data.get("device")
         if device:
             # The budget is in `device` as well as in `memory`; one value, kept in `memory`.
@@ -173,9 +173,10 @@ def merge_reports(on_disk: dict[str, Any] | None, own: dict[str, Any]) -> dict[s
     """The document at the report's path once this process has written: its own report (`document()`), merged with
     what another process of the same run wrote there. A report of another run is replaced.
 
-    Changes and events: every process's, in the order the processes first wrote. Notes: every distinct one.
-    Sections (device, precision, batch, memory, patches, active): from the process that got furthest towards training
-    (`stage`; a later process wins a tie), so a launcher that writes at its exit never hides the training process.
+    Changes and events: every process's, process after process in the order they first wrote (each process says how
+    many are its own). Notes: every distinct one. Sections (device, precision, batch, memory, patches, active): from
+    the process that got furthest towards training (`stage`; a later process wins a tie), so a launcher that writes
+    at its exit never hides the training process.
     """
     try:
         if on_disk.get("run") != own["run"] or not isinstance(on_disk["processes"], list):
@@ -186,12 +187,14 @@ def merge_reports(on_disk: dict[str, Any] | None, own: dict[str, Any]) -> dict[s
             processes.append(me)
         _, leader = max((entry["stage"], index) for index, entry in enumerate(processes))
         merged = dict(own if processes[leader] is me else on_disk)
-        for key in ("changes", "events"):
+        for key, count in (("changes", "change_count"), ("events", "event_count")):
+            written, start = {}, 0
+            for entry in on_disk["processes"]:
+                written[entry["pid"]], start = on_disk[key][start:start + entry[count]], start + entry[count]
+            if start != len(on_disk[key]):
+                raise ValueError("the counts do not add up")
             merged[key] = [
-                entry
-                for process in processes
-                for entry in (own if process is me else on_disk)[key]
-                if entry.get("pid") == process["pid"]
+                item for entry in processes for item in (own[key] if entry is me else written[entry["pid"]])
             ]
         merged["notes"] = [*on_disk["notes"], *(note for note in own["notes"] if note not in on_disk["notes"])]
     except (AttributeError, KeyError, TypeError, ValueError):

@@ -86,8 +86,8 @@ def test_the_entry_points_activate_not_the_import():
     code = "import mps_shim_entry, sys, mps_shim; print(mps_shim.report()['active'], 'mps_shim.startup' in sys.modules)"
     assert python(code, env=clean_env(MPS_SHIM_PRECISION="bf17"), check=True).stdout.split() == ["False", "False"]
     # and importing it costs nothing: it imports nothing
-    bare = python("import sys; before = set(sys.modules); import mps_shim_entry; print(sorted(set(sys.modules) - before))",
-                  check=True)
+    code = "import sys; before = set(sys.modules); import mps_shim_entry; print(sorted(set(sys.modules) - before))"
+    bare = python(code, check=True)
     assert bare.stdout.strip() == "['mps_shim_entry']"
 
 

@@ -94,7 +94,8 @@ def test_switch_on_spellings_start_the_shim(value):
 def test_switch_off_spellings_start_nothing_and_kill_import(value):
     assert python(PROBE, env=clean_env(MPS_SHIM=value), check=True).stdout.strip() == "False"
     # the hook's line does not even import the package
-    assert python("import sys; print('mps_shim' in sys.modules)", env=clean_env(MPS_SHIM=value)).stdout.strip() == "False"
+    imported = python("import sys; print('mps_shim' in sys.modules)", env=clean_env(MPS_SHIM=value))
+    assert imported.stdout.strip() == "False"
     # and it is the kill switch for `import mps_shim`
     killed = python("import mps_shim; print(mps_shim.report()['active'])", env=clean_env(MPS_SHIM=value), check=True)
     assert killed.stdout.strip() == "False"
