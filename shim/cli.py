@@ -92,16 +92,19 @@ def plan(ctx, program, args):
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--model", "model", default=None, metavar="PATH",
+              help="Also run one training step of this model's architecture (config.json is enough) and list the "
+                   "ops that would run on the CPU.")
 @_shared_options
 @click.pass_context
-def doctor(ctx, as_json, **given):
+def doctor(ctx, as_json, model, **given):
     """The machine, library versions, device capabilities and the precision the shim would choose, with reasons.
     With --report FILE, the same findings are also written to FILE as JSON."""
     from mps_shim.doctor import diagnose, render
     from mps_shim.report import write_json
 
     options = load_options(flags=True, **_given(ctx, given))
-    findings = diagnose(options)
+    findings = diagnose(options, model)
     if options.report is not None:
         try:
             write_json(options.report, findings)

@@ -18,7 +18,15 @@ NO_TORCH = (
 )
 
 
-def diagnose(options: Options) -> dict:
+def diagnose(options: Options, model: str | None = None) -> dict:
+    """With `model`, also one training step of that model's architecture on the Apple GPU, listing the ops that
+    would run on the CPU (shim/fallback_probe.py); that imports torch and transformers, which doctor otherwise does
+    not, and runs first, while torch can still read PYTORCH_ENABLE_MPS_FALLBACK."""
+    probe = None
+    if model is not None:
+        from mps_shim.fallback_probe import probe_fallbacks
+
+        probe = probe_fallbacks(options, model)
     # The installed distributions, not imported: doctor must not import torch or transformers (under simulation it
     # imports neither), and no script's own copy of a library is in play here.
     libraries = {name: installed_version(name) for name in LIBRARIES}
@@ -40,8 +48,21 @@ def diagnose(options: Options) -> dict:
         "capabilities": _capabilities(facts),
         "memory": _memory(facts, options),
         "precision": _precision(facts, options),
+        "known_bugs": _known_bugs(facts),
     }
+    if probe is not None:
+        findings["cpu_fallbacks"] = probe
     return findings
+
+
+def _known_bugs(facts: DeviceFacts) -> list[dict]:
+    """The silent wrong-result bugs of this torch on MPS (shim/known_bugs.py); none off MPS."""
+    from mps_shim.known_bugs import affecting
+
+    if not facts.is_mps:
+        return []
+    return [{"key": bug.key, "summary": bug.summary, "trigger": bug.trigger, "releases": bug.releases,
+             "source": bug.source, "shim": bug.shim} for bug in affecting(facts.torch)]
 
 
 def _no_mps_reason(facts: DeviceFacts) -> str:
@@ -144,4 +165,23 @@ def render(findings: dict) -> str:
             continue
         chosen = choice["chosen"] or "refused"
         lines.append(f"precision for a run with {label}: {chosen} ({choice['reason']})")
+    lines += _render_long_run(findings)
     return "\n".join(lines)
+
+
+def _render_long_run(findings: dict) -> list[str]:
+    """The known-bugs line, and with --model the CPU fallbacks of one training step."""
+    lines = []
+    from mps_shim.known_bugs import warning_line
+
+    device = findings["device"]
+    if device and device["type"] == "mps":
+        lines.append(warning_line(device["torch"]) or f"known silent wrong-result bugs: none for torch {device['torch']}")
+    probe = findings.get("cpu_fallbacks")
+    if probe is not None:
+        if probe["ops"] is None:
+            lines.append(f"cpu fallbacks of {probe['model']}: {probe['note']}")
+        else:
+            ops = ", ".join(f"{op} ({n} call{'s' if n != 1 else ''})" for op, n in probe["ops"].items()) or "none"
+            lines.append(f"cpu fallbacks in {probe['steps']} of {probe['model']}: {ops} ({probe['note']})")
+    return lines

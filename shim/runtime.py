@@ -38,6 +38,7 @@ class Runtime:
         self.registry = Registry(self)
         self._facts: DeviceFacts | None = None
         self.simulator = None
+        self.fallbacks = None  # ops that run on the CPU instead of the Apple GPU (shim/fallbacks.py)
         self.precision = PrecisionState(self)
         self.budget = MemoryBudget(self)
         self._saved_environ: dict[str, str | None] = {}
@@ -107,11 +108,27 @@ class Runtime:
             self.simulator.install(torch)
         if facts.is_mps:
             self.budget.enforce(torch)
+            self._watch_mps(torch, facts.torch)
+
+    def _watch_mps(self, torch: Any, release: str) -> None:
+        """CPU fallbacks counted (shim/fallbacks.py); the known silent wrong-result bugs of this torch said once."""
+        import logging
+
+        from mps_shim.fallbacks import FallbackWatch
+        from mps_shim.known_bugs import warning_line
+
+        self.fallbacks = FallbackWatch(self.report, release)
+        self.fallbacks.install(torch)
+        bugs = warning_line(release)
+        if bugs:
+            self.report.note(bugs, logging.WARNING)
 
     def reach_training(self, fits: bool = True) -> None:
         """Trainer.train is about to train (fits) or its memory plan failed (not fits). Under `mps-shim plan` the plan
         is printed here, and a plan that fits stops the process with PlanReached."""
         self.training_reached = True
+        if self.fallbacks is not None:
+            self.fallbacks.arm()  # the program may have replaced the warning filters since torch loaded
         if not self.plan_only:
             return
         self._print_plan()
@@ -126,6 +143,9 @@ class Runtime:
 
     def stop(self) -> None:
         self.registry.uninstall()
+        if self.fallbacks is not None:
+            self.fallbacks.uninstall()
+            self.fallbacks = None
         if self.simulator is not None:
             self.simulator.uninstall()
             self.simulator = None
@@ -138,6 +158,8 @@ class Runtime:
         self.report.write()
 
     def at_exit(self) -> None:
+        if self.fallbacks is not None:
+            self.fallbacks.finish()  # the cpu_fallbacks section and its summary line
         if self.simulator is not None:
             self.report.update("memory", {"measured_peak_bytes": self.simulator.peak_bytes})
         if self.plan_only and not self.training_reached and "transformers" in sys.modules:

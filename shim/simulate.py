@@ -47,6 +47,7 @@ class Simulator:
         self._autocast_original = None
         self.memory = SimulatedMemory(facts, runtime.report, (None, None))
         self._aliasing_ops: dict[Any, bool] = {}
+        self.fallbacks = None  # ops without an MPS kernel in the emulated torch (shim/simulated_fallback.py)
 
     # -- life cycle -------------------------------------------------------------------------------------------------
 
@@ -63,6 +64,12 @@ class Simulator:
         watermarks = (os.environ.get(HIGH_WATERMARK), os.environ.get(LOW_WATERMARK))
         self.memory = SimulatedMemory(self.facts, self.runtime.report, watermarks)
         self._emulate_mps_autocast(torch)
+        from mps_shim.fallbacks import fallback_enabled
+
+        if fallback_enabled():  # read by torch once, when it loads; without it such ops raise (not simulated)
+            from mps_shim.simulated_fallback import SimulatedFallbacks
+
+            self.fallbacks = SimulatedFallbacks(torch, self.facts.torch, self)
         # The budget itself is said by the memory budget, which decides it; this line says what is emulated.
         self.runtime.report.note(
             f"simulated Apple GPU: macOS {self.facts.macos}, torch {self.facts.torch} behaviour, "
@@ -79,6 +86,7 @@ class Simulator:
             autocast.__init__ = original
             self._autocast_original = None
         self._torch = None
+        self.fallbacks = None
         self.memory = SimulatedMemory(self.facts, self.runtime.report, (None, None))
         self._aliasing_ops = {}
 
@@ -174,6 +182,8 @@ class Simulator:
     # -- the accounting, called by the dispatch mode for every op -----------------------------------------------------
 
     def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if self.fallbacks is not None:
+            self.fallbacks.check(func, args, kwargs)
         out = func(*args, **kwargs)
         error = self._account_outputs(func, out)
         if error is not None:
