@@ -42,7 +42,9 @@ KNOWN_BUGS = (
                 "(0 x NaN), and the loss turns NaN",
         first="2.2", last="2.8",
         source="pytorch/pytorch#156707, fixed by PR #157727 (merged 2025-07-14)",
-        range_from="the fix's merge date, after the 2.8 branch cut; the wheels were not checked",
+        range_from="the wheels: 2.2-2.4 have no MPS SDPA kernel and no _safe_softmax (the composite path's softmax "
+                   "gives NaN); 2.5-2.8's MPS graph has no all-masked check; from 2.9 it has (equal/reductionAnd "
+                   "selectors)",
         shim="pad training batches on the right, where no row is fully masked: shim/padding.py turns a left-padding "
              "tokenizer to the right for training where this bug applies",
         short_shim="pad training batches on the right",
