@@ -16,7 +16,7 @@ import sys
 import click
 
 from mps_shim.config import ENV, PLAN_ONLY, PRECISIONS, flag, kill_switch, load_options, source_of
-from mps_shim.errors import PlanError, PlanReached, ShimConfigError, ShimError
+from mps_shim.errors import PlanReached, ShimConfigError, ShimError
 from mps_shim.launcher import exec_program, find_program, is_python_script, prepare_environment, run_script
 
 _OPTION_HELP = {
@@ -169,13 +169,10 @@ def _check_precision_before_launch(options) -> None:
     if options.precision == "auto":
         return
     from mps_shim.device import detect
-    from mps_shim.plan import precision_support
+    from mps_shim.plan import check_forced_precision
 
-    refusal = precision_support(detect(options), options.precision)  # detect imports torch only off simulation
-    if refusal:
-        source = source_of(options, "precision")
-        given = f"{source} {options.precision}" if source.startswith("--") else f"{source}={options.precision}"
-        raise PlanError(f"{given} cannot run on this Mac: {refusal}")
+    # detect imports torch only off simulation
+    check_forced_precision(detect(options), options.precision, source_of(options, "precision"))
 
 
 def _stop(error: BaseException) -> None:

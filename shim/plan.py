@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import namedtuple
 
 from mps_shim.device import DeviceFacts
+from mps_shim.errors import PlanError
 from mps_shim.units import size_text
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -29,10 +30,6 @@ owner: "mps-shim" when the shim runs mixed precision itself, "library" when Trai
 """
 
 
-class PlanError(ValueError):
-    """The run asks for something this device cannot do; one line saying what and why."""
-
-
 def precision_support(facts: DeviceFacts, precision: str) -> str | None:
     """Why the Apple GPU described by facts cannot train in `precision` with autocast, or None if it can."""
     capabilities = facts.capabilities
@@ -50,11 +47,17 @@ def precision_support(facts: DeviceFacts, precision: str) -> str | None:
     return None
 
 
-def check_forced_precision(facts: DeviceFacts, forced: str) -> None:
-    """A --precision the device cannot run stops the run before any work, with the reason."""
+def forced_text(forced: str, source: str) -> str:
+    """How the user gave a precision: `--precision bf16` or `MPS_SHIM_PRECISION=bf16` (or `precision=bf16`)."""
+    return f"{source} {forced}" if source.startswith("--") else f"{source}={forced}"
+
+
+def check_forced_precision(facts: DeviceFacts, forced: str, source: str = "--precision") -> None:
+    """A forced precision the device cannot run stops the run before any work, with the reason and where it was
+    given (`source`: the flag, the variable or the keyword)."""
     refusal = precision_support(facts, forced) if forced != "auto" else None
     if refusal:
-        raise PlanError(f"--precision {forced} cannot run on this Mac: {refusal}")
+        raise PlanError(f"{forced_text(forced, source)} cannot run on this Mac: {refusal}")
 
 
 def requested_precision(bf16: bool, fp16: bool) -> str:
@@ -68,12 +71,13 @@ def plan_precision(
     requested: str,
     model_dtype: str | None = None,
     forced: str = "auto",
+    forced_source: str = "--precision",
 ) -> PrecisionPlan:
     """The precision a run gets.
 
     requested: the mixed precision the run asked for ("bf16", "fp16", "fp32" = none);
     model_dtype: the weights dtype the run asked for (a torch_dtype string, or None);
-    forced: the --precision option ("auto" or a precision the user insists on).
+    forced: the precision option ("auto" or a precision the user insists on), given as `forced_source`.
 
     Policy on an Apple GPU: keep bf16 where the device truly runs it (bf16 tensors and bf16 autocast); else fp16
     autocast with fp32 trainable parameters and dynamic loss scaling where MPS autocast exists; else fp32. Trainable
@@ -86,8 +90,8 @@ def plan_precision(
             f"no Apple GPU (device: {facts.type}): the run keeps the precision it asked for",
         )
     if forced != "auto":
-        check_forced_precision(facts, forced)
-        chosen, reason = forced, f"--precision {forced}"
+        check_forced_precision(facts, forced, forced_source)
+        chosen, reason = forced, forced_text(forced, forced_source)
     else:
         chosen, reason = _best_precision(facts, requested)
 

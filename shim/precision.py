@@ -23,13 +23,15 @@ class PrecisionState:
 
     def decide(self, **request: str | None) -> PrecisionPlan:
         """(Re)decide from what the run has asked for so far (amp=, model_dtype=)."""
+        from mps_shim.config import source_of
         from mps_shim.plan import plan_precision
 
         self.requested.update({k: v for k, v in request.items() if v is not None})
         runtime = self._runtime
+        options = runtime.options
         self._set(plan_precision(
             runtime.facts, self.requested["amp"] or "fp32", self.requested["model_dtype"],
-            forced=runtime.options.precision,
+            forced=options.precision, forced_source=source_of(options, "precision"),
         ))
         return self.plan
 

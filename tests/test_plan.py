@@ -18,7 +18,7 @@ TABLE = [
     ("macos=14.5,torch=2.5", "bf16", "bfloat16", ("fp16", "float16", "float16", True)),
     ("macos=14.5,torch=2.6", "bf16", "bfloat16", ("bf16", "bfloat16", "bfloat16", False)),
     ("macos=15.1,torch=2.13", "bf16", "bfloat16", ("bf16", "bfloat16", "bfloat16", False)),
-    ("macos=13.6,torch=2.9", "bf16", "bfloat16", ("fp16", "float16", "float16", True)),
+    ("macos=13.6,torch=2.8", "bf16", "bfloat16", ("fp16", "float16", "float16", True)),
     ("macos=15.1,torch=2.13", "fp16", "float16", ("fp16", "float16", "float16", True)),
     ("macos=13.6,torch=2.2", "fp16", "float16", ("fp32", "float32", None, False)),
     ("macos=15.1,torch=2.13", "fp32", None, ("fp32", "float32", None, False)),

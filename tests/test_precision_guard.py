@@ -49,7 +49,7 @@ def test_non_finite_forward_falls_back_and_finishes_with_finite_weights(tmp_path
 def test_precision_option_overrides_the_plan(tmp_path):
     result, report = train(tmp_path, MODERN_MAC, "--bf16", prefix=["python"], MPS_SHIM_PRECISION="fp32")
     assert result.returncode == 0, result.stderr
-    assert report["precision"]["chosen"] == "fp32" and report["precision"]["reason"] == "--precision fp32"
+    assert report["precision"]["chosen"] == "fp32" and report["precision"]["reason"] == "MPS_SHIM_PRECISION=fp32"
 
 
 @pytest.mark.parametrize("form", ["option", "variable"])
@@ -65,7 +65,7 @@ def test_impossible_precision_stops_before_training(tmp_path, form):
         result, report = train(tmp_path, FP16_MAC, "--bf16", prefix=["python"], MPS_SHIM_PRECISION="bf16")
         assert result.returncode != 0
         assert result.stderr.strip().splitlines()[-1].endswith(
-            "--precision bf16 cannot run on this Mac: MPS autocast in bf16 needs torch>=2.6 and macOS 14 "
+            "MPS_SHIM_PRECISION=bf16 cannot run on this Mac: MPS autocast in bf16 needs torch>=2.6 and macOS 14 "
             "(torch 2.5, macOS 14.5)"
         )
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
