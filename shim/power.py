@@ -86,8 +86,9 @@ def prepare_long_run(report: Report, simulated: bool, pid: int | None = None) ->
     pid = os.getpid() if pid is None else pid
     holder = keep_awake(pid)
     if holder is None:
-        # Every Mac has /usr/bin/caffeinate; a simulated Mac usually has none.
-        report.note("caffeinate not found: nothing keeps this Mac from sleeping during the run", logging.INFO)
+        # Every Mac has /usr/bin/caffeinate; a simulated Mac usually has none, which is only worth a debug line.
+        report.note("caffeinate not found: nothing keeps this Mac from sleeping during the run",
+                    logging.DEBUG if simulated else logging.WARNING)
         return None
     report.change(
         "macOS sleep", "allowed", f"prevented until process {pid} ends (caffeinate {' '.join(CAFFEINATE_FLAGS)} -w)",
