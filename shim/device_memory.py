@@ -62,6 +62,14 @@ class DeviceMemory:
         else:
             self.mps.empty_cache()
 
+    def device_work(self) -> Any:
+        """A context whose ops are the GPU's work (the simulated device's graph cache counts them)."""
+        import contextlib
+
+        if self.simulator is not None:
+            return self.simulator.device_work()
+        return contextlib.nullcontext()
+
     def sample(self) -> int:
         now = self.in_use()
         self._peak = max(self._peak, now)

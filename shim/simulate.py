@@ -10,6 +10,10 @@ real-device path (shim/capabilities.py) and the facts in docs/mps-facts.md.
   optimizer state and temporaries. It works through a TorchDispatchMode entered once, at the first adopt; a process
   that never places a model pays nothing. The autograd engine carries the mode into backward, so gradients count too.
 * bf16 tensors, and autocast in a dtype the emulated torch/macOS lacks, are refused with torch's own texts.
+* MPS's graph cache: inside `device_work()` (the Trainer's training and evaluation steps and the memory preflight,
+  entered by shim/memory_guard.py and shim/preflight.py), every op's signature (the op, its arguments' shapes, dtypes
+  and other values) is handed to SimulatedMemory.compile_graph, which charges `graph_entry_bytes` per new signature.
+  Outside it (the data collator, the shim's own checks) ops run on CPU-side data on a real Mac and compile nothing.
 
 Approximations
 --------------
@@ -47,6 +51,7 @@ class Simulator:
         self._autocast_original = None
         self.memory = SimulatedMemory(facts, runtime.report, (None, None))
         self._aliasing_ops: dict[Any, bool] = {}
+        self._device_work = 0  # depth of device_work(): ops inside compile MPS graphs
         self.fallbacks = None  # ops without an MPS kernel in the emulated torch (shim/simulated_fallback.py)
 
     # -- life cycle -------------------------------------------------------------------------------------------------
@@ -63,6 +68,8 @@ class Simulator:
         # torch reads these variables once, when its allocator starts; so does the simulator.
         watermarks = (os.environ.get(HIGH_WATERMARK), os.environ.get(LOW_WATERMARK))
         self.memory = SimulatedMemory(self.facts, self.runtime.report, watermarks)
+        options = getattr(self.runtime, "options", None)
+        self.memory.graph_entry_bytes = graph_entry_bytes(getattr(options, "simulate", None))
         self._emulate_mps_autocast(torch)
         from mps_shim.fallbacks import fallback_enabled
 
@@ -109,6 +116,20 @@ class Simulator:
         if self._torch is None:
             raise RuntimeError("the simulated Apple GPU is not installed (Simulator.install(torch) comes first)")
         return self._torch
+
+    def device_work(self) -> Any:
+        """A context in which ops are the GPU's work: each new op signature adds a cached MPSGraph."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            self._device_work += 1
+            try:
+                yield
+            finally:
+                self._device_work -= 1
+
+        return scope()
 
     # -- memory figures: the emulated MPSAllocator (shim/simulated_memory.py) ----------------------------------------
 
@@ -182,6 +203,8 @@ class Simulator:
     # -- the accounting, called by the dispatch mode for every op -----------------------------------------------------
 
     def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if self._device_work and self.memory.graph_entry_bytes:
+            self.memory.compile_graph(self._signature(func, args, kwargs))
         if self.fallbacks is not None:
             self.fallbacks.check(func, args, kwargs)
         out = func(*args, **kwargs)
@@ -225,6 +248,29 @@ class Simulator:
             aliases = any(ret.alias_info is not None for ret in func._schema.returns)
             self._aliasing_ops[func] = aliases
         return aliases
+
+    def _signature(self, func: Any, args: tuple, kwargs: dict) -> tuple:
+        """What MPS keys a cached graph on: the op and its arguments, tensors by shape and dtype."""
+        tensor_type = self._tensor_type
+
+        def part(value: Any) -> Any:
+            if isinstance(value, tensor_type):
+                return (tuple(value.shape), value.dtype)
+            if isinstance(value, (list, tuple)):
+                return tuple(part(item) for item in value)
+            try:
+                hash(value)
+            except TypeError:
+                return repr(value)
+            return value
+
+        return (func, part(args), tuple(sorted((k, part(v)) for k, v in kwargs.items())))
+
+
+def graph_entry_bytes(profile: Any) -> int:
+    """The simulation profile's cost of one cached MPSGraph (`graph_entry=`), 0 when it does not ask for one."""
+    return int(getattr(profile, "graph_entry_bytes", 0) or 0)
+
 
 def _enter_mode(simulator: Simulator) -> Any:
     """Enter the accounting dispatch mode on this thread and return it."""

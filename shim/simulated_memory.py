@@ -12,6 +12,11 @@
   MPSGraph allocate themselves, `other_bytes`) plus the request against it; before it gives up it releases its cached
   buffers. Going past it raises MPSAllocator's own RuntimeError, word for word (docs/mps-facts.md).
 
+* MPS keeps every MPSGraph it compiled, one per op signature (the op, its inputs' shapes and dtypes), for the life of
+  the process: no released torch frees it (docs/mps-facts.md, "Long runs"). `compile_graph(key)` stands for that: the
+  first time a signature is seen, `graph_entry_bytes` (a simulation-profile setting, 0 unless asked for) is added to
+  `other_bytes`, and `empty_cache` never gives it back.
+
 Approximations: sizes are storage bytes; Metal heaps (8 MiB, 32 MiB and 1 GiB tiers) and buffer alignment are not
 modelled, so the driver's total is live + cached + other rather than a sum of heap sizes.
 """
@@ -54,6 +59,8 @@ class SimulatedMemory:
         self._allocated = 0
         self._cached = 0
         self.other_bytes = 0  # MPS's and MPSGraph's own allocations
+        self.graph_entry_bytes = 0  # driver memory of one cached MPSGraph (0: the graph cache is not modelled)
+        self._graphs: set = set()  # signatures compiled so far
         self.peak_bytes = 0
 
     def holds(self, ptr: int) -> bool:
@@ -105,6 +112,18 @@ class SimulatedMemory:
         """torch.mps.empty_cache: give the cached bytes back."""
         self._settle()
         self._cached = 0
+
+    def compile_graph(self, key: Any) -> None:
+        """An op ran with signature `key`: the first time, MPS compiles and keeps its graph (`graph_entry_bytes`)."""
+        if key in self._graphs:
+            return
+        self._graphs.add(key)
+        self.other_bytes += self.graph_entry_bytes
+        self.peak_bytes = max(self.peak_bytes, self._allocated + self.other_bytes)
+
+    @property
+    def graph_entries(self) -> int:
+        return len(self._graphs)
 
     def set_memory_fraction(self, fraction: float) -> None:
         """torch.mps.set_per_process_memory_fraction: the high watermark ratio, with no check against the low one."""
