@@ -12,6 +12,8 @@ On an Apple GPU (real or simulated), where patches/training_args.py took bf16/fp
   (accelerate recognises the MPS out-of-memory text only from 1.15; `auto_find_batch_size` restarts from step 0 with
   a smaller effective batch): the preflight plans the split of each batch before training, steps run in pieces that
   fit, an out-of-memory is recovered in place, memory figures go into the logs.
+- long runs: each batch padded to one of a few lengths (shim/shapes.py: MPS keeps a compiled graph per shape), tokens
+  per second in the logs and a warning when they fall and stay down (shim/throughput.py).
 `mps-shim plan` stops where training would start (Runtime.reach_training).
 Versions: transformers 4.40-5.x (training_step with and without num_items_in_batch).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 
+from mps_shim import shapes, throughput
 from mps_shim.chunking import inputs_and_caller
 from mps_shim.errors import MemoryPlanError
 from mps_shim.memory_guard import STATE, MemoryGuard
@@ -73,6 +76,7 @@ class TrainerPatch(Patch):
             runtime.reach_training()  # `mps-shim plan` prints the plan and stops here
             return wrapped(*args, **kwargs)
         finally:
+        restore = shapes.install(runtime, trainer) if memory is not None else None
             if memory is not None:
                 memory.after_train()
 
@@ -85,6 +89,8 @@ class TrainerPatch(Patch):
         precision = self.runtime.precision
         if precision.plan.autocast_dtype is None:
             return wrapped(*args, **kwargs)
+                restore()
+                throughput.of(runtime, trainer).end(trainer.state.global_step)
         return precision.autocast()
 
     def _training_step(self, wrapped, trainer, args, kwargs):
@@ -99,13 +105,15 @@ class TrainerPatch(Patch):
         num_items = kwargs.get("num_items_in_batch", args[3] if len(args) > 3 else None)
         return MemoryGuard.of(self.runtime, trainer).weight_loss(trainer, result, num_items)
 
+        throughput.of(self.runtime, trainer).step_started(inputs, trainer.state.global_step)
     def _prediction_step(self, wrapped, trainer, args, kwargs):
         inputs, call = inputs_and_caller(wrapped, args, kwargs)
         return MemoryGuard.of(self.runtime, trainer).prediction_step(trainer, call, inputs)
 
     def _evaluate(self, wrapped, trainer, args, kwargs):
         try:
-            return wrapped(*args, **kwargs)
+            with throughput.of(self.runtime, trainer).paused():
+                return wrapped(*args, **kwargs)
         finally:
             memory = getattr(trainer, STATE, None)
             if memory is not None:
@@ -120,7 +128,9 @@ class TrainerPatch(Patch):
 
     def _save_model(self, wrapped, trainer, args, kwargs):
         self.precision.check_save(trainer)
-        return wrapped(*args, **kwargs)
+        with throughput.of(self.runtime, trainer).paused():
+            return wrapped(*args, **kwargs)
 
 
 PATCH = TrainerPatch
+            throughput.of(self.runtime, trainer).add_to_logs(logs, trainer.state.global_step)

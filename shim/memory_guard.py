@@ -14,8 +14,10 @@ set aside during the re-run and put back), so no sample counts twice and none is
 """
 from __future__ import annotations
 
+import logging
 import math
 
+from mps_shim.cache_policy import release_reason
 from mps_shim.chunking import (
     Piece, batch_rows, combine_predictions, pieces, run_in_chunks, share_of_batch, slice_inputs, token_counts,
 )
@@ -45,6 +47,8 @@ class MemoryGuard:
         self.hooks: list = []
         self.watch = PressureWatch()
         self.cache_empties = 0
+        self.cache_released = 0  # bytes the policy's releases gave back
+        self.floor = 0  # driver - allocated right after the last release: what a release cannot give back
 
     @classmethod
     def of(cls, runtime: Any, trainer: Any) -> MemoryGuard:
@@ -82,7 +86,8 @@ class MemoryGuard:
         """Trainer.training_step for `inputs`, in pieces when the batch does not fit; the summed loss."""
         rows = batch_rows(inputs)
         if not self.hooks or rows is None:
-            return call(inputs)
+            with self.device.device_work():
+                return call(inputs)
         counts, total_tokens = token_counts(inputs) if rows > (self.micro_batch or rows) else ([], 0)
 
         def run(piece: Piece) -> Any:
@@ -99,7 +104,8 @@ class MemoryGuard:
             self.touched.clear()
             self.weight = weight
             try:
-                return call(inputs if whole else slice_inputs(inputs, piece.start, piece.stop, rows))
+                with self.device.device_work():
+                    return call(inputs if whole else slice_inputs(inputs, piece.start, piece.stop, rows))
             finally:
                 self.weight = None
                 for parameter, grad in set_aside:  # what this run added for them was counted before
@@ -109,7 +115,7 @@ class MemoryGuard:
             return self._recover_training(trainer, piece, failure, pending, rows)
 
         results = run_in_chunks(rows, self.micro_batch or rows, run, recover)
-        self._empty_cache_if_over_budget()
+        self._release_cache_if_idle(trainer)
         if not results:
             import torch
 
@@ -168,10 +174,12 @@ class MemoryGuard:
     def prediction_step(self, trainer: Any, call: Callable, inputs: Any) -> Any:
         rows = batch_rows(inputs)
         if rows is None:
-            return call(inputs)
+            with self.device.device_work():
+                return call(inputs)
 
         def run(piece: Piece) -> Any:
-            return call(inputs if piece.rows == rows else slice_inputs(inputs, piece.start, piece.stop, rows))
+            with self.device.device_work():
+                return call(inputs if piece.rows == rows else slice_inputs(inputs, piece.start, piece.stop, rows))
 
         def recover(piece: Piece, failure: str, pending: list[Piece]) -> list[Piece]:
             self._empty_cache()
@@ -199,10 +207,23 @@ class MemoryGuard:
         self.device.empty_cache()
         self.cache_empties += 1
 
-    def _empty_cache_if_over_budget(self) -> None:
-        """One query per step; empty only when the driver's total passes the usable budget."""
-        if self.usable is not None and self.device.driver() > self.usable:
-            self._empty_cache()
+    def _release_cache_if_idle(self, trainer: Any) -> None:
+        """Two queries per step; empty the cache as shim/cache_policy.py decides, with what it gave back."""
+        device = self.device
+        allocated, driver = device.allocated(), device.driver()
+        why = release_reason(allocated, driver, self.floor, self.usable)
+        if why is None:
+            return
+        self._empty_cache()
+        after_allocated, after = device.allocated(), device.driver()
+        self.floor = max(0, after - after_allocated)
+        freed = max(0, driver - after)
+        self.cache_released += freed
+        self.runtime.report.event(
+            "cache_released", f"{why}: emptied the cache, {freed / MIB:.1f} MiB given back "
+            f"({driver / MIB:.1f} -> {after / MIB:.1f} MiB; live tensors {after_allocated / MIB:.1f} MiB)",
+            step=trainer.state.global_step, level=logging.INFO,
+        )
 
     def add_to_logs(self, trainer: Any, logs: dict) -> None:
         device = self.device
@@ -215,7 +236,8 @@ class MemoryGuard:
         warning = self.watch.check()
         if warning:
             self.runtime.report.event("memory_pressure", warning, step=trainer.state.global_step)
-        self.runtime.report.update("memory", {"cache_empties": self.cache_empties})
+        self.runtime.report.update("memory", {"cache_empties": self.cache_empties,
+                                              "cache_released_bytes": self.cache_released})
 
 
 def loss_scaled_for_accumulation(trainer: Any, num_items: Any) -> bool:

@@ -29,7 +29,8 @@ HEADROOM = 0.10  # of the budget, kept free: MPS heap alignment, MPSGraph scratc
 
 
 def longest_sequence(dataset: Any, collator: Any = None) -> int | None:
-    """The longest batch length the data can produce: the longest `input_ids`, rounded up as the collator pads."""
+    """The longest batch length the data can produce: the longest `input_ids`, rounded up as the collator pads (to
+    `max_length`, a multiple, or the bucket the longest row lands in)."""
     if dataset is None:
         return None
     longest = None
@@ -58,6 +59,9 @@ def longest_sequence(dataset: Any, collator: Any = None) -> int | None:
     multiple = getattr(collator, "pad_to_multiple_of", None)
     if multiple:
         longest = int(math.ceil(longest / multiple) * multiple)
+    bucket = getattr(collator, "bucket_for", None)  # shim/shapes.py: the batch is padded on to its bucket
+    if callable(bucket) and longest:
+        longest = bucket(int(longest))
     return int(longest) or None
 
 
@@ -191,7 +195,7 @@ class Preflight:
         result = None
         try:
             model.train()
-            with device.sampling():
+            with device.sampling(), device.device_work():
                 with trainer.compute_loss_context_manager():
                     loss = trainer.compute_loss(model, inputs)
                 loss.backward()
