@@ -276,7 +276,7 @@ def test_memory_fraction_sets_the_limit(simulators):
         train(model, steps=3)
     match = OOM_WITH_LIMIT.fullmatch(str(raised.value))
     assert match, str(raised.value)
-    assert match["max"] == "1.09 MiB"  # torch 2.6 on prints binary units (an assumption, see simulate.py)
+    assert match["max"] == "1.09 MB"  # torch 2.6 still prints MPSAllocator's own units: binary ones from 2.8
 
 
 def test_memory_fraction_wants_a_float_in_range(simulators):
@@ -393,19 +393,19 @@ def matmul_dtype():
     return (torch.randn(4, 8) @ torch.randn(8, 4)).dtype
 
 
-def test_autocast_before_torch_2_5_is_an_error(simulators):
-    simulator = simulators("macos=14.5,torch=2.2,memory=16GiB")
+def test_autocast_before_torch_2_5_is_an_error_even_disabled(simulators):
+    simulators("macos=14.5,torch=2.2,memory=16GiB")
     for dtype in (torch.float16, torch.bfloat16):
         with pytest.raises(RuntimeError, match=r"^User specified an unsupported autocast device_type 'mps'$"):
-            simulator.autocast(dtype)
-    with pytest.raises(RuntimeError):  # torch checks the device type even when autocast is disabled
-        simulator.autocast(torch.float16, enabled=False)
+            torch.autocast("mps", dtype=dtype)
+    with pytest.raises(RuntimeError):  # torch checks the device type before it reads `enabled`
+        torch.autocast("mps", dtype=torch.float16, enabled=False)
 
 
 def test_autocast_bf16_on_torch_2_5_warns_and_disables(simulators):
-    simulator = simulators("macos=14.5,torch=2.5,memory=16GiB")
+    simulators("macos=14.5,torch=2.5,memory=16GiB")
     with pytest.warns(UserWarning) as warned:
-        context = simulator.autocast(torch.bfloat16)
+        context = torch.autocast("mps", dtype=torch.bfloat16)
     assert str(warned[0].message) == (
         "In MPS autocast, but the target dtype is not supported. Disabling autocast.\n"
         "MPS Autocast only supports dtype of torch.bfloat16 currently."
@@ -413,6 +413,8 @@ def test_autocast_bf16_on_torch_2_5_warns_and_disables(simulators):
     with context:
         assert not torch.is_autocast_enabled("cpu")
         assert matmul_dtype() == torch.float32
+    with pytest.warns(UserWarning):  # 2.5-2.9 check the dtype even when autocast is disabled
+        torch.autocast("mps", dtype=torch.bfloat16, enabled=False)
 
 
 def test_autocast_fp16_on_torch_2_5_runs_matmul_in_fp16(simulators):
@@ -421,7 +423,7 @@ def test_autocast_fp16_on_torch_2_5_runs_matmul_in_fp16(simulators):
     simulator.adopt(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        context = simulator.autocast(torch.float16)
+        context = torch.autocast("mps", dtype=torch.float16)
     with context:
         assert matmul_dtype() == torch.float16
         loss = model(input_ids=torch.randint(0, 512, (1, 8)), labels=torch.randint(0, 512, (1, 8))).loss
@@ -430,9 +432,9 @@ def test_autocast_fp16_on_torch_2_5_runs_matmul_in_fp16(simulators):
 
 
 def test_autocast_bf16_on_macos_13_with_torch_2_6_warns_with_the_macos_text(simulators):
-    simulator = simulators("macos=13.6,torch=2.6,memory=16GiB")
+    simulators("macos=13.6,torch=2.6,memory=16GiB")
     with pytest.warns(UserWarning) as warned:
-        context = simulator.autocast(torch.bfloat16)
+        context = torch.autocast("mps", dtype=torch.bfloat16)
     assert str(warned[0].message) == (
         "In MPS autocast, but the target dtype torch.bfloat16 is not supported on macOS versions below 14. "
         "Disabling autocast."
@@ -442,21 +444,34 @@ def test_autocast_bf16_on_macos_13_with_torch_2_6_warns_with_the_macos_text(simu
 
 
 def test_autocast_bf16_on_macos_14_with_torch_2_6_runs(simulators):
-    simulator = simulators("macos=14.5,torch=2.6,memory=16GiB")
-    with simulator.autocast(torch.bfloat16):
+    simulators("macos=14.5,torch=2.6,memory=16GiB")
+    with torch.autocast("mps", dtype=torch.bfloat16):
         assert matmul_dtype() == torch.bfloat16
-    with simulator.autocast(torch.bfloat16, enabled=False):
+    with torch.autocast("mps", dtype=torch.bfloat16, enabled=False):
         assert matmul_dtype() == torch.float32
 
 
-def test_autocast_allowed_answers_for_the_autocast_patch(simulators):
-    simulator = simulators("macos=14.5,torch=2.5,memory=16GiB")
-    assert simulator.autocast_allowed(torch.float16) is True
-    with pytest.warns(UserWarning, match="Disabling autocast"):
-        assert simulator.autocast_allowed(torch.bfloat16) is False
+@pytest.mark.parametrize(("version", "wording"), [
+    ("2.9", "dtype of torch.bfloat16 and torch.float16 currently."),
+    ("2.10", "dtypes of torch.bfloat16, torch.float16 currently."),
+])
+def test_an_fp32_autocast_warns_with_that_releases_text_and_2_10_checks_only_when_enabled(simulators, version, wording):
+    simulators(f"macos=14.5,torch={version},memory=16GiB")
+    with pytest.warns(UserWarning) as warned:
+        torch.autocast("mps", dtype=torch.float32)
+    assert str(warned[0].message).endswith("MPS Autocast only supports " + wording)
+    with warnings.catch_warnings(record=True) as disabled:
+        warnings.simplefilter("always")
+        torch.autocast("mps", dtype=torch.float32, enabled=False)
+    assert bool(disabled) == (version == "2.9")
+
+
+def test_uninstall_gives_torch_its_own_autocast_back(simulators):
+    original = vars(torch.amp.autocast_mode.autocast)["__init__"]
     simulator = simulators("macos=14.5,torch=2.2,memory=16GiB")
-    with pytest.raises(RuntimeError, match="unsupported autocast device_type 'mps'"):
-        simulator.autocast_allowed(torch.float16)
+    assert vars(torch.amp.autocast_mode.autocast)["__init__"] is not original
+    simulator.uninstall()
+    assert vars(torch.amp.autocast_mode.autocast)["__init__"] is original
 
 
 # -- life cycle ---------------------------------------------------------------------------------------------------
@@ -499,3 +514,17 @@ def test_uninstall_under_another_mode_keeps_that_mode(simulators):
         torch.ones(2) + 1
         assert Counting.calls > 0
     assert _get_current_dispatch_mode() is None
+
+
+def test_one_buffer_of_half_the_macs_memory_is_refused_below_the_working_set(simulators):
+    # An 8 GB Mac: working set ~5.3 GB, limit ~9 GB, but Metal's maxBufferLength is ~4 GB.
+    simulator = simulators("macos=14.5,torch=2.13,memory=8GiB")
+    simulator.adopt(torch.nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match=r"^Invalid buffer size: 4\.50 GiB$"):
+        torch.empty(int(4.5 * 2**30), dtype=torch.uint8)
+    assert simulator.allocated_bytes() < 2**20
+
+
+def test_out_of_memory_sizes_switch_to_binary_units_in_torch_2_8():
+    assert format_size(3 * 2**30, "2.7") == "3.00 GB"
+    assert format_size(3 * 2**30, "2.8") == "3.00 GiB"
