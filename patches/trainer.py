@@ -66,6 +66,7 @@ class TrainerPatch(Patch):
     def _train(self, wrapped, trainer, args, kwargs):
         runtime = self.runtime
         memory = MemoryGuard.of(runtime, trainer) if runtime.changes_numbers else None
+        restore = shapes.install(runtime, trainer) if memory is not None else None
         try:
             if memory is not None:
                 try:
@@ -76,9 +77,10 @@ class TrainerPatch(Patch):
             runtime.reach_training()  # `mps-shim plan` prints the plan and stops here
             return wrapped(*args, **kwargs)
         finally:
-        restore = shapes.install(runtime, trainer) if memory is not None else None
             if memory is not None:
                 memory.after_train()
+                restore()
+                throughput.of(runtime, trainer).end(trainer.state.global_step)
 
     def _create_accelerator(self, wrapped, trainer, args, kwargs):
         result = wrapped(*args, **kwargs)
@@ -89,12 +91,11 @@ class TrainerPatch(Patch):
         precision = self.runtime.precision
         if precision.plan.autocast_dtype is None:
             return wrapped(*args, **kwargs)
-                restore()
-                throughput.of(runtime, trainer).end(trainer.state.global_step)
         return precision.autocast()
 
     def _training_step(self, wrapped, trainer, args, kwargs):
         inputs, call = inputs_and_caller(wrapped, args, kwargs)
+        throughput.of(self.runtime, trainer).step_started(inputs, trainer.state.global_step)
         return MemoryGuard.of(self.runtime, trainer).training_step(trainer, call, inputs)
 
     def _compute_loss(self, wrapped, trainer, args, kwargs):
@@ -105,7 +106,6 @@ class TrainerPatch(Patch):
         num_items = kwargs.get("num_items_in_batch", args[3] if len(args) > 3 else None)
         return MemoryGuard.of(self.runtime, trainer).weight_loss(trainer, result, num_items)
 
-        throughput.of(self.runtime, trainer).step_started(inputs, trainer.state.global_step)
     def _prediction_step(self, wrapped, trainer, args, kwargs):
         inputs, call = inputs_and_caller(wrapped, args, kwargs)
         return MemoryGuard.of(self.runtime, trainer).prediction_step(trainer, call, inputs)
@@ -124,6 +124,7 @@ class TrainerPatch(Patch):
         if isinstance(logs, dict) and "loss" in logs:
             MemoryGuard.of(self.runtime, trainer).add_to_logs(trainer, logs)
             self.precision.add_to_logs(logs)
+            throughput.of(self.runtime, trainer).add_to_logs(logs, trainer.state.global_step)
         return wrapped(*args, **kwargs)
 
     def _save_model(self, wrapped, trainer, args, kwargs):
@@ -133,4 +134,3 @@ class TrainerPatch(Patch):
 
 
 PATCH = TrainerPatch
-            throughput.of(self.runtime, trainer).add_to_logs(logs, trainer.state.global_step)
