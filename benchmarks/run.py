@@ -4,14 +4,16 @@
 
 - import_cost.py: the start-up hook and `import mps_shim` against a bare interpreter;
 - memory_overhead.py: the shim's per-step overhead against no shim, a run that must recover from out-of-memory
-  against one configured right from the start, and the memory estimate against the measured peak.
+  against one configured right from the start, and the memory estimate against the measured peak;
+- long_runs.py: a long mixed-length run with and without the shim's padding buckets (driver-memory growth from MPS's
+  graph cache, step time, tokens per second).
 """
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("import_cost.py", "memory_overhead.py")
+BENCHMARKS = ("import_cost.py", "memory_overhead.py", "long_runs.py")
 
 
 def main() -> int:
