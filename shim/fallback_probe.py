@@ -32,8 +32,14 @@ class ProbeError(ShimError):
 def probe_fallbacks(options: Options, model: str) -> dict[str, Any]:
     """{"model", "steps", "lora", "ops": {op: calls}, "observed", "note"}; raises ProbeError when the model cannot be
     built. Activates the shim in this process for the step and switches it off after."""
+    import importlib.util
+
     import mps_shim
     from mps_shim import runtime as runtime_module
+
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ProbeError(f"--model needs {' and '.join(missing)} installed: the step runs the model")
 
     settings = {name: getattr(options, name) for name in ENV}
     settings.update(report=None, log_level="quiet")
