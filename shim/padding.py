@@ -42,3 +42,16 @@ def pad_right_for_training(tokenizer: Any, runtime: Any) -> bool:
         "creates; padding labels are -100 on either side",
     )
     return True
+
+
+def pad_trainer_right(trainer: Any, runtime: Any) -> bool:
+    """`pad_right_for_training` for the tokenizers a Trainer's batches are padded with: its data collator's and its
+    processing class (`tokenizer` before transformers 4.46). True if one was changed. One call, before training."""
+    seen, changed = set(), False
+    for owner, name in ((getattr(trainer, "data_collator", None), "tokenizer"), (trainer, "processing_class"),
+                        (trainer, "tokenizer")):
+        tokenizer = getattr(owner, name, None) if owner is not None else None
+        if tokenizer is not None and id(tokenizer) not in seen and hasattr(tokenizer, "padding_side"):
+            seen.add(id(tokenizer))
+            changed = pad_right_for_training(tokenizer, runtime) or changed
+    return changed

@@ -114,3 +114,31 @@ def test_a_left_padding_tokenizer_pads_right_for_training_where_the_bug_applies(
     did, side, targets = json.loads(result.stdout.splitlines()[-1])
     assert (did, side) == ((True, "right") if changed else (False, "left"))
     assert ("tokenizer.padding_side" in targets) is changed
+
+
+def test_a_trainer_with_a_left_padding_collator_is_padded_right(tiny_model_dir, tmp_path):
+    # What a Trainer patch calls before training: the collator's tokenizer (DataCollatorForSeq2Seq, as the example).
+    code = (
+        "import json, sys\n"
+        "import mps_shim\n"
+        "mps_shim.activate(simulate='macos=14.5,torch=2.7')\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, "
+        "TrainingArguments\n"
+        "from mps_shim.padding import pad_trainer_right\n"
+        "from mps_shim.runtime import current\n"
+        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], padding_side='left')\n"
+        "tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "collator = DataCollatorForSeq2Seq(tokenizer=tokenizer)\n"
+        "trainer = Trainer(model=model, args=TrainingArguments(sys.argv[2], report_to=[]), data_collator=collator)\n"
+        "changed = pad_trainer_right(trainer, current())\n"
+        "batch = collator([{'input_ids': [5, 6, 7], 'labels': [5, 6, 7]}, {'input_ids': [5], 'labels': [5]}])\n"
+        "print(json.dumps([changed, batch['attention_mask'].tolist(), batch['labels'].tolist()]))\n"
+    )
+    import sys
+
+    result = run([sys.executable, "-c", code, tiny_model_dir, tmp_path / "out"],
+                 env=clean_env(MPS_SHIM_LOG_LEVEL="quiet"), check=True)
+    changed, mask, labels = json.loads(result.stdout.splitlines()[-1])
+    assert changed is True
+    assert mask == [[1, 1, 1], [1, 0, 0]] and labels[1] == [5, -100, -100]  # padded on the right
