@@ -9,8 +9,12 @@ releasable, and is measured again after every release.
 """
 from __future__ import annotations
 
-# Release when the releasable cache is larger than the live tensors and than this share of the usable budget.
+# Release when the releasable cache is larger than the live tensors and than this share of the usable budget ...
 IDLE_SHARE = 0.25
+# ... at most once in this many training steps: a step reuses the cache of the step before, so releasing it every step
+# would only make each step allocate its memory afresh.
+IDLE_EVERY = 50
+OVER_BUDGET, IDLE = "over_budget", "idle"
 
 
 def releasable(allocated: int, driver: int, floor: int) -> int:
@@ -18,13 +22,18 @@ def releasable(allocated: int, driver: int, floor: int) -> int:
     return max(0, driver - allocated - floor)
 
 
-def release_reason(allocated: int, driver: int, floor: int, usable: int | None) -> str | None:
-    """Why the cache should be emptied now, or None. `usable`: the budget less headroom (None: no budget)."""
+def release_reason(
+    allocated: int, driver: int, floor: int, usable: int | None, steps_since: int | None = None
+) -> tuple[str, str] | None:
+    """Why the cache should be emptied now, as (OVER_BUDGET or IDLE, the reason), or None. `usable`: the budget less
+    headroom (None: no budget); `steps_since`: training steps since the last IDLE release (None: none yet)."""
     if usable is not None and driver > usable:
-        return "the driver's total is over the usable budget"
+        return OVER_BUDGET, "the driver's total is over the usable budget"
+    if steps_since is not None and steps_since < IDLE_EVERY:
+        return None
     cached = releasable(allocated, driver, floor)
     if usable is not None and cached > allocated and cached > IDLE_SHARE * usable:
-        return (
+        return IDLE, (
             f"the driver holds {cached / 2**20:.0f} MiB of cached memory, more than the live tensors and than "
             f"{IDLE_SHARE:.0%} of the usable budget"
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 
-from mps_shim.cache_policy import release_reason
+from mps_shim.cache_policy import IDLE, release_reason
 from mps_shim.chunking import (
     Piece, batch_rows, combine_predictions, pieces, run_in_chunks, share_of_batch, slice_inputs, token_counts,
 )
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from typing import Any, Callable
 
 STATE = "_mps_shim_memory"  # the attribute of a Trainer that holds its MemoryGuard
+RELEASE_EVENTS = 10  # cache releases reported one by one; later ones are only counted
 
 
 class MemoryGuard:
@@ -49,6 +50,8 @@ class MemoryGuard:
         self.cache_empties = 0
         self.cache_released = 0  # bytes the policy's releases gave back
         self.floor = 0  # driver - allocated right after the last release: what a release cannot give back
+        self.releases = 0
+        self.steps_since_idle_release: int | None = None  # training steps since the last release for an idle cache
 
     @classmethod
     def of(cls, runtime: Any, trainer: Any) -> MemoryGuard:
@@ -211,17 +214,27 @@ class MemoryGuard:
         """Two queries per step; empty the cache as shim/cache_policy.py decides, with what it gave back."""
         device = self.device
         allocated, driver = device.allocated(), device.driver()
-        why = release_reason(allocated, driver, self.floor, self.usable)
-        if why is None:
+        since = self.steps_since_idle_release
+        self.steps_since_idle_release = since = None if since is None else since + 1
+        decision = release_reason(allocated, driver, self.floor, self.usable, since)
+        if decision is None:
             return
+        kind, why = decision
+        if kind == IDLE:
+            self.steps_since_idle_release = 0
         self._empty_cache()
         after_allocated, after = device.allocated(), device.driver()
         self.floor = max(0, after - after_allocated)
         freed = max(0, driver - after)
         self.cache_released += freed
+        self.releases += 1
+        if self.releases > RELEASE_EVENTS:
+            return  # the total stays in the report's memory section (add_to_logs)
+        last = self.releases == RELEASE_EVENTS
+        more = "; further releases are only counted (memory.cache_released_bytes)" if last else ""
         self.runtime.report.event(
             "cache_released", f"{why}: emptied the cache, {freed / MIB:.1f} MiB given back "
-            f"({driver / MIB:.1f} -> {after / MIB:.1f} MiB; live tensors {after_allocated / MIB:.1f} MiB)",
+            f"({driver / MIB:.1f} -> {after / MIB:.1f} MiB; live tensors {after_allocated / MIB:.1f} MiB){more}",
             step=trainer.state.global_step, level=logging.INFO,
         )
 

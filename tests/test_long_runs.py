@@ -17,7 +17,8 @@ import torch
 
 import mps_shim
 import mps_shim.runtime
-from mps_shim import shapes, throughput
+from mps_shim import memory_guard, shapes, throughput
+from mps_shim import cache_policy
 from mps_shim.cache_policy import release_reason
 from mps_shim.preflight import longest_sequence
 from mps_shim.report import Report
@@ -255,9 +256,13 @@ def test_release_when_the_cache_runs_far_above_the_live_tensors():
     mib, usable = 2**20, 1000 * 2**20
     assert release_reason(100 * mib, 200 * mib, 0, usable) is None  # cache no bigger than the live tensors
     assert release_reason(100 * mib, 300 * mib, 0, usable) is None  # bigger, but a fifth of the budget: reused
-    assert "cached memory" in release_reason(100 * mib, 500 * mib, 0, usable)
+    kind, why = release_reason(100 * mib, 500 * mib, 0, usable)
+    assert kind == cache_policy.IDLE and "cached memory" in why
     assert release_reason(100 * mib, 500 * mib, 300 * mib, usable) is None  # the rest is not the allocator's
-    assert "over the usable budget" in release_reason(900 * mib, 1001 * mib, 0, usable)
+    assert release_reason(100 * mib, 500 * mib, 0, usable, steps_since=cache_policy.IDLE_EVERY - 1) is None
+    assert release_reason(100 * mib, 500 * mib, 0, usable, steps_since=cache_policy.IDLE_EVERY)[0] == cache_policy.IDLE
+    kind, why = release_reason(900 * mib, 1001 * mib, 0, usable, steps_since=0)  # over budget: at once, every time
+    assert kind == cache_policy.OVER_BUDGET and "over the usable budget" in why
     assert release_reason(1, 10**12, 0, None) is None
 
 
@@ -267,6 +272,7 @@ def test_a_cache_far_above_the_live_tensors_is_released_and_said(shim, tmp_path)
     released = [e for e in report["events"] if e["kind"] == "cache_released"]
     assert released and "MiB given back" in released[0]["detail"]
     assert report["memory"]["cache_released_bytes"] > 0
+    assert len(released) == 1  # 4 steps: an idle cache is released at most once in IDLE_EVERY steps
 
 
 # -- fused AdamW ------------------------------------------------------------------------------------------------------
