@@ -151,9 +151,9 @@ def install(runtime: Any, trainer: Any) -> Any:
                   longest_sequence(getattr(trainer, "eval_dataset", None), collator) or 0)
     buckets = bucket_lengths(longest)
     trainer.data_collator = BucketingCollator(collator, buckets, pad_token_of(trainer), positions_of(trainer.model))
-    shown = "/".join(map(str, buckets)) if buckets else "powers of two"
+    to = f"to the next of {'/'.join(map(str, buckets))} tokens" if buckets else "to the next power of two tokens"
     runtime.report.change(
-        "data collator padding", "to each batch's longest row", f"to the next of {shown} tokens",
+        "data collator padding", "to each batch's longest row", to,
         "MPS compiles and keeps a graph for every new batch shape, so each new length adds to the driver's memory "
         "for the rest of the run; the added positions are right padding with attention_mask 0 and labels -100, so "
         "the loss is unchanged",

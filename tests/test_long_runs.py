@@ -194,6 +194,25 @@ def test_the_preflight_plans_for_the_bucket_the_longest_row_lands_in():
     assert longest <= 50 and longest_sequence(data, collator) == 64
 
 
+def test_data_of_unknown_length_is_padded_to_powers_of_two_within_the_models_positions():
+    import types
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(Samples(n=4).items)
+
+    runtime = types.SimpleNamespace(report=Report(None))
+    trainer = types.SimpleNamespace(data_collator=collate, train_dataset=Stream(), eval_dataset=None,
+                                    model=tiny_model(), processing_class=None)
+    restore = shapes.install(runtime, trainer)
+    assert [c["to"] for c in runtime.report.data["changes"]] == ["to the next power of two tokens"]
+    assert trainer.data_collator(Samples(n=2, lengths=(40, 40)).items)["input_ids"].shape == (2, 64)
+    # Past 1024 (the model's max_position_embeddings) a batch keeps its own length instead of the next power, 2048.
+    assert trainer.data_collator(Samples(n=2, lengths=(1030, 1030)).items)["input_ids"].shape == (2, 1030)
+    restore()
+    assert trainer.data_collator is collate
+
+
 # -- buckets: training on the simulated Mac ---------------------------------------------------------------------------
 
 
