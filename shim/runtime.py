@@ -68,6 +68,8 @@ class Runtime:
         """The model is on the device now: the simulated one starts counting its memory and refusing what MPS would."""
         if self.simulator is not None:
             self.simulator.adopt(model)
+        if self.fallbacks is not None:
+            self.fallbacks.arm()  # a script may have silenced warnings since torch loaded (e.g. filterwarnings("ignore"))
 
     def set_environment(self, variable: str, value: str, reason: str) -> None:
         """Set a variable for this process and its children, as one change of the run; deactivate restores it."""

@@ -3,11 +3,15 @@ torch 2.2-2.3 has no MPS kernel for: `isin.Tensor_Tensor_out` runs on the CPU on
 import mps_shim  # noqa: F401  (first import: activates the shim)
 
 import json
+import os
+import warnings
 
 import torch
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 SPECIAL = [0, 1, 2]
+if os.environ.get("SILENCE_WARNINGS"):
+    warnings.filterwarnings("ignore")  # as many training scripts do at the top
 torch.manual_seed(0)
 (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()
 model = LlamaForCausalLM(
