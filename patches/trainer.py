@@ -12,7 +12,8 @@ On an Apple GPU (real or simulated), where patches/training_args.py took bf16/fp
   (accelerate recognises the MPS out-of-memory text only from 1.15; `auto_find_batch_size` restarts from step 0 with
   a smaller effective batch): the preflight plans the split of each batch before training, steps run in pieces that
   fit, an out-of-memory is recovered in place, memory figures go into the logs.
-- long runs: each batch padded to one of a few lengths (shim/shapes.py: MPS keeps a compiled graph per shape), tokens
+- long runs: batches padded on the right where left padding makes MPS attention return NaN (shim/padding.py), each
+  batch padded to one of a few lengths (shim/shapes.py: MPS keeps a compiled graph per shape), tokens
   per second in the logs and a warning when they fall and stay down (shim/throughput.py).
 `mps-shim plan` stops where training would start (Runtime.reach_training).
 Versions: transformers 4.40-5.x (training_step with and without num_items_in_batch).
@@ -25,6 +26,7 @@ from mps_shim import shapes, throughput
 from mps_shim.chunking import inputs_and_caller
 from mps_shim.errors import MemoryPlanError
 from mps_shim.memory_guard import STATE, MemoryGuard
+from mps_shim.padding import pad_trainer_right
 from mps_shim.precision_guard import PrecisionGuard
 from mps_shim.registry import Patch
 
@@ -50,6 +52,8 @@ class TrainerPatch(Patch):
             self.wrap(trainer, "evaluate", self._evaluate)
             self.wrap(trainer, "log", self._log)
             self.wrap(trainer, "save_model", self._save_model)
+            if self.runtime.plan_only:
+                self.wrap(trainer, "_move_model_to_device", self._move_model_to_device)
 
     def _init(self, wrapped, trainer, args, kwargs):
         if "tokenizer" in kwargs and not self.takes_tokenizer:
@@ -63,9 +67,19 @@ class TrainerPatch(Patch):
             self.precision.prepare_model(model)
         return wrapped(*args, **kwargs)
 
+    def _move_model_to_device(self, wrapped, trainer, args, kwargs):
+        """`mps-shim plan` of a model built without weights (patches/modeling.py): nothing to move, and a meta tensor
+        cannot be copied; the preflight sizes it where it is."""
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None and any(parameter.is_meta for parameter in model.parameters()):
+            return None
+        return wrapped(*args, **kwargs)
+
     def _train(self, wrapped, trainer, args, kwargs):
         runtime = self.runtime
         memory = MemoryGuard.of(runtime, trainer) if runtime.changes_numbers else None
+        if memory is not None:
+            pad_trainer_right(trainer, runtime)  # before the collator is bucketed: no fully masked attention rows
         restore = shapes.install(runtime, trainer) if memory is not None else None
         try:
             if memory is not None:
