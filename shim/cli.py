@@ -82,11 +82,20 @@ def run(ctx, program, args):
 
 
 @cli.command(cls=_ProgramCommand, context_settings=_PASS_THROUGH, add_help_option=False)
+@click.option("--mac-sizes", default=None, metavar="SIZES",
+              help="Size the run for these Macs, e.g. 8GB,16GB,24GB (as sold; default: this Mac). [MPS_SHIM_PLAN_SIZES]")
 @click.argument("program")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def plan(ctx, program, args):
+def plan(ctx, mac_sizes, program, args):
     """Run PROGRAM up to where training would start, print every change and the memory plan, exit 0."""
+    from mps_shim.sizing import PLAN_SIZES, parse_mac_sizes, plan_sizes
+
+    if mac_sizes is not None:
+        parse_mac_sizes(mac_sizes, "--mac-sizes")  # a bad size stops here, before any work
+        os.environ[PLAN_SIZES] = mac_sizes  # for every process the program starts (shim/sizing.py)
+    else:
+        plan_sizes(os.environ)
     return _launch(_given(ctx, {}), program, list(args), plan_only=True)
 
 

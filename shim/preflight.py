@@ -85,6 +85,8 @@ class Preflight:
         plan = runtime.precision.plan
         self.compute_bytes = 2 if plan is not None and plan.autocast_dtype else 4
         self.facts = model_facts(trainer.model)
+        self.initial_facts = self.facts  # before any rung: what `mps-shim plan`'s table of Mac sizes starts from
+        self.calibrations: dict[bool, Calibration] = {}  # by gradient checkpointing, for that table
         self.memory = {"budget_bytes": budget, "usable_bytes": usable, "headroom": HEADROOM, "longest_sequence": self.seq}
 
     def estimate(self, calibration: Calibration | None, batch: int, seq: int | None = None):
@@ -105,6 +107,8 @@ class Preflight:
         tried: list[str] = []
         while True:
             calibration, failed = self._calibrate()
+            if calibration is not None and not failed:
+                self.calibrations.setdefault(self.facts.checkpointing, calibration)
             split = None if failed else choose_split(
                 self.per_device, lambda batch: self.estimate(calibration, batch).total, self.usable
             )
@@ -122,6 +126,7 @@ class Preflight:
         if simulator is not None:  # the trial steps are not the run's peak
             simulator.peak_bytes = max(simulator.peak_bytes, earlier_peak)
         self._record(calibration, split)
+        self._size_for_plan()
         return split.micro_batch if split.chunks > 1 else None
 
     def _record(self, calibration: Calibration | None, split) -> None:
@@ -148,9 +153,20 @@ class Preflight:
                 f"and the effective batch ({self.per_device} x {self.accumulation} x world) are the ones asked for",
             )
 
+    def _size_for_plan(self) -> None:
+        """`mps-shim plan`: the table of several Mac sizes (shim/sizing.py), from this preflight's facts."""
+        if self.runtime.plan_only:
+            from mps_shim.sizing import record_for_plan
+
+            record_for_plan(self)
+
     def _calibrate(self) -> tuple[Calibration | None, bool]:
         """Measure the transient at micro-batch 1, and at 2 when the estimate says 2 fits; (calibration, failed)."""
         facts = self.facts
+        if any(parameter.is_meta for parameter in self.trainer.model.parameters()):
+            from mps_shim.sizing import scaled_calibration  # a model without weights (patches/modeling.py)
+
+            return scaled_calibration(self, facts, facts.checkpointing), False
         analytic = sum(activation_bytes(facts, 1, self.seq, self.compute_bytes).values())
         try:
             measured = self._measure(1)
@@ -172,13 +188,14 @@ class Preflight:
                 points[2] = measured
         return Calibration(points, analytic, facts.checkpointing), False
 
-    def _measure(self, batch: int) -> int | None:
+    def _measure(self, batch: int, model: Any = None) -> int | None:
         """One real forward/backward on a synthetic batch on the device: the bytes above the resident ones at its
-        peak, or None if it ran out of memory. Gradients, RNG state and train/eval mode are left as they were."""
+        peak, or None if it ran out of memory. Gradients, RNG state and train/eval mode are left as they were.
+        `model`: another model to measure than the Trainer's (shim/sizing.py's twins)."""
         import torch
 
         trainer, device = self.trainer, self.device
-        model = trainer.model
+        model = trainer.model if model is None else model
         vocab = int(getattr(config_of(model), "vocab_size", 0) or 0)
         numpy = sys.modules.get("numpy")
         rng = (torch.get_rng_state(), random.getstate(), numpy.random.get_state() if numpy is not None else None)
@@ -249,4 +266,5 @@ class Preflight:
         report.update("memory", self.memory)
         # Recorded, not logged: the one line the user sees is the error's, printed where it is caught.
         report.event("memory_plan_failed", text, step=0, level=logging.DEBUG)
+        self._size_for_plan()
         raise MemoryPlanError(text)

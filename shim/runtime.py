@@ -43,6 +43,10 @@ class Runtime:
         self.budget = MemoryBudget(self)
         self._saved_environ: dict[str, str | None] = {}
         self.plan_only = bool(os.environ.get(PLAN_ONLY))  # set by `mps-shim plan` for every process it starts
+        if self.plan_only:
+            from mps_shim.sizing import plan_sizes
+
+            plan_sizes(os.environ)  # a bad MPS_SHIM_PLAN_SIZES stops here, before any work (ShimConfigError)
         self.training_reached = False
 
     @property
@@ -139,8 +143,11 @@ class Runtime:
 
     def _print_plan(self, ending: str | None = None) -> None:
         from mps_shim.report import render_plan
+        from mps_shim.sizing import render
 
-        print(render_plan(self.report.as_dict()) + (f"\n  {ending}" if ending else ""), flush=True)
+        data = self.report.as_dict()
+        lines = [render_plan(data), *render(data.get("sizing")), *([f"  {ending}"] if ending else [])]
+        print("\n".join(lines), flush=True)
         self.report.write(always=True)
 
     def stop(self) -> None:
