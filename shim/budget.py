@@ -8,10 +8,10 @@ error, which the shim recovers from, instead of swapping the machine. These cons
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
+from mps_shim.log import INFO, WARNING
 from mps_shim.units import size_text
 
 TYPE_CHECKING = False
@@ -126,7 +126,7 @@ class MemoryBudget:
             budget = min(budget, facts.memory_total_bytes)
         settings, notes = watermark_settings(os.environ, budget, recommended)
         for note in notes:
-            runtime.report.note(note, logging.WARNING)
+            runtime.report.note(note, WARNING)
         if not settings:
             return
         if "torch" in sys.modules:
@@ -134,7 +134,7 @@ class MemoryBudget:
             runtime.report.note(
                 f"{names} not set: torch was imported before mps_shim; the budget is applied with "
                 "torch.mps.set_per_process_memory_fraction instead (torch's default low watermark stays)",
-                logging.WARNING,
+                WARNING,
             )
             return
         for variable, value, reason in settings:
@@ -177,6 +177,6 @@ class MemoryBudget:
             # The variables came too late (torch was already loaded), or the limit was turned into a ratio with an
             # estimated working set: the fraction call sets the same hard limit at any time.
             MpsMemory(torch).set_fraction(high)
-        level = logging.WARNING if "capped" in reason else logging.INFO
+        level = WARNING if "capped" in reason else INFO
         runtime.report.note(f"memory budget {size_text(budget)} ({reason})", level)
         return budget

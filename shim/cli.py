@@ -163,10 +163,8 @@ def _hold_awake(options, report=None) -> None:
     if report is None:
         from mps_shim.report import Report
 
-        try:
-            from mps_shim.log import set_level
-        except ImportError:  # the log lines still set up by report.py
-            from mps_shim.report import configure_logging as set_level
+        from mps_shim.log import set_level
+
         set_level(options.log_level)
         report = Report(options.report)  # its run id is inherited: the program's reports merge with it
     prepare_long_run(report, simulated=options.simulate is not None)

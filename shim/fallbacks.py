@@ -19,10 +19,11 @@ filter still shows each once per line.
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import warnings
+
+from mps_shim.log import WARNING
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -151,4 +152,4 @@ class FallbackWatch:
         self.report.update("cpu_fallbacks", self.section())
         line = self.summary()
         if line:
-            self.report.note(line, logging.WARNING)
+            self.report.note(line, WARNING)

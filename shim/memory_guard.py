@@ -14,7 +14,6 @@ set aside during the re-run and put back), so no sample counts twice and none is
 """
 from __future__ import annotations
 
-import logging
 import math
 
 from mps_shim.cache_policy import IDLE, release_reason
@@ -23,6 +22,7 @@ from mps_shim.chunking import (
 )
 from mps_shim.device_memory import DeviceMemory, PressureWatch
 from mps_shim.fit import split_for, usable
+from mps_shim.log import INFO
 from mps_shim.models import enable_checkpointing, is_checkpointing, trainable_parameters
 from mps_shim.preflight import HEADROOM, Preflight
 from mps_shim.units import MIB
@@ -235,7 +235,7 @@ class MemoryGuard:
         self.runtime.report.event(
             "cache_released", f"{why}: emptied the cache, {freed / MIB:.1f} MiB given back "
             f"({driver / MIB:.1f} -> {after / MIB:.1f} MiB; live tensors {after_allocated / MIB:.1f} MiB){more}",
-            step=trainer.state.global_step, level=logging.INFO,
+            step=trainer.state.global_step, level=INFO,
         )
 
     def add_to_logs(self, trainer: Any, logs: dict) -> None:

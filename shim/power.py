@@ -22,6 +22,8 @@ import shutil
 import subprocess
 import sys
 
+from mps_shim.log import DEBUG, WARNING
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -77,18 +79,16 @@ def keep_awake(pid: int) -> subprocess.Popen | None:
 def prepare_long_run(report: Report, simulated: bool, pid: int | None = None) -> Any:
     """Before the program starts: warn about battery and Low Power Mode, and hold the Mac awake for the life of
     process `pid` (this one by default). Returns the caffeinate process, or None."""
-    import logging
-
     if not is_macos(simulated):
         return None
     for line in power_warnings(_output(["pmset", "-g", "batt"]), _output(["pmset", "-g"])):
-        report.note(line, logging.WARNING)
+        report.note(line, WARNING)
     pid = os.getpid() if pid is None else pid
     holder = keep_awake(pid)
     if holder is None:
         # Every Mac has /usr/bin/caffeinate; a simulated Mac usually has none, which is only worth a debug line.
         report.note("caffeinate not found: nothing keeps this Mac from sleeping during the run",
-                    logging.DEBUG if simulated else logging.WARNING)
+                    DEBUG if simulated else WARNING)
         return None
     report.change(
         "macOS sleep", "allowed", f"prevented until process {pid} ends (caffeinate {' '.join(CAFFEINATE_FLAGS)} -w)",

@@ -8,7 +8,6 @@ The estimate and the policy are pure (shim/estimate.py, shim/fit.py); this modul
 """
 from __future__ import annotations
 
-import logging
 import math
 import random
 import sys
@@ -17,6 +16,7 @@ from mps_shim.chunking import chunk_sizes
 from mps_shim.errors import MemoryPlanError
 from mps_shim.estimate import Calibration, activation_bytes, estimate_peak, model_facts
 from mps_shim.fit import CHECKPOINTING, FROZEN_DTYPE, choose_split, diagnosis, fitting_sequence, next_rung
+from mps_shim.log import DEBUG
 from mps_shim.models import config_of, enable_checkpointing, trainable_parameters
 from mps_shim.oom import is_out_of_memory
 from mps_shim.units import MIB
@@ -265,6 +265,6 @@ class Preflight:
         self.memory.update(estimated_peak_bytes=one.total, estimate_parts=one.parts, diagnosis=text)
         report.update("memory", self.memory)
         # Recorded, not logged: the one line the user sees is the error's, printed where it is caught.
-        report.event("memory_plan_failed", text, step=0, level=logging.DEBUG)
+        report.event("memory_plan_failed", text, step=0, level=DEBUG)
         self._size_for_plan()
         raise MemoryPlanError(text)

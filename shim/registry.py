@@ -9,9 +9,9 @@ or has moved (an unknown version) gives one warning and the patch is skipped, ne
 from __future__ import annotations
 
 import importlib
-import logging
 
 from mps_shim.hooks import when_imported
+from mps_shim.log import DEBUG, WARNING, emit
 
 TYPE_CHECKING = False  # typing itself is not imported: `import mps_shim` runs at the start of every process
 if TYPE_CHECKING:
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
     from mps_shim.runtime import Runtime
 
-log = logging.getLogger("mps_shim")
 
 # Each patch module and the module whose import attaches it (the same target its PATCH declares; a test checks they
 # agree). The registry imports a patch module only when its target is imported, so `import mps_shim` stays cheap.
@@ -134,7 +133,7 @@ class Registry:
             try:
                 self.patches.append(importlib.import_module(f"mps_shim.patches.{name}").PATCH(self.runtime))
             except Exception as error:  # a broken patch module must not take the user's import down with it
-                self.runtime.report.note(f"patch {name} not loaded: {type(error).__name__}: {error}", logging.WARNING)
+                self.runtime.report.note(f"patch {name} not loaded: {type(error).__name__}: {error}", WARNING)
         for patch in self.patches:
             if patch.target == target and not patch.applied:
                 self._say_if_untested(patch.distribution, module)
@@ -149,7 +148,7 @@ class Registry:
         self._versions_said.add(distribution)
         line = out_of_range_line(distribution, module_version(module))
         if line:
-            self.runtime.report.note(line, level=logging.WARNING)
+            self.runtime.report.note(line, level=WARNING)
 
     def _apply(self, patch: Patch, module) -> None:
         from mps_shim.versions import module_version
@@ -165,14 +164,14 @@ class Registry:
             self._applied.append(patch)
             report.record_patch(patch.name, "applied")
             if not patch.version_supported(installed):
-                log.debug("patch %s applied to untested %s %s", patch.name, patch.distribution, installed)
+                emit(DEBUG, "patch %s applied to untested %s %s", patch.name, patch.distribution, installed)
         except Exception as error:  # a moved target must never crash the user's run
             patch.revert()
             report.record_patch(patch.name, f"skipped: {error}")
             reason = "target moved" if isinstance(error, TargetMoved) else type(error).__name__
             report.note(
                 f"patch {patch.name} skipped on {patch.distribution} {installed or '(version unknown)'}: {reason}: {error}",
-                level=logging.WARNING,
+                level=WARNING,
             )
 
     def uninstall(self) -> None:

@@ -11,34 +11,20 @@ got furthest into training. Writing never stops a run: a failure is one warning.
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 
 from mps_shim._version import __version__
+from mps_shim.log import INFO, WARNING, emit
 from mps_shim.units import size_text
 
 TYPE_CHECKING = False  # typing itself is not imported: `import mps_shim` runs at the start of every process
 if TYPE_CHECKING:
     from typing import Any
 
-log = logging.getLogger("mps_shim")
 
 # Shared by the processes of one run (each inherits it): their reports at one path merge instead of replacing.
 RUN_VARIABLE = "MPS_SHIM_RUN"
 
-LOG_LEVELS = {"quiet": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
-
-
-def configure_logging(level: str) -> None:
-    """One stderr handler on the `mps_shim` logger; records do not also go to the script's root handlers."""
-    if not any(getattr(h, "_mps_shim", False) for h in log.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("mps-shim: %(message)s"))
-        handler._mps_shim = True
-        log.addHandler(handler)
-    log.setLevel(LOG_LEVELS[level])
-    log.propagate = False
 
 
 def _jsonable(value: Any) -> Any:
@@ -82,22 +68,22 @@ class Report:
         self.data["changes"].append(
             {"target": target, "from": _jsonable(from_), "to": _jsonable(to), "reason": reason}
         )
-        log.info("%s %s -> %s (%s)", target, show_value(from_), show_value(to), reason)
+        emit(INFO, "%s %s -> %s (%s)", target, show_value(from_), show_value(to), reason)
         self.worth_writing = True
         self.write()
 
-    def event(self, kind: str, detail: str, step: int | None = None, level: int = logging.WARNING) -> None:
+    def event(self, kind: str, detail: str, step: int | None = None, level: int = WARNING) -> None:
         self.data["events"].append({"kind": kind, "step": step, "detail": detail})
-        log.log(level, "%s%s: %s", kind, "" if step is None else f" at step {step}", detail)
+        emit(level, "%s%s: %s", kind, "" if step is None else f" at step {step}", detail)
         self.worth_writing = True
         self.write()
 
-    def note(self, text: str, level: int = logging.INFO) -> None:
+    def note(self, text: str, level: int = INFO) -> None:
         """A fact about the run that is not a change (said once), e.g. what could not be set in time."""
         if text in self.data["notes"]:
             return
         self.data["notes"].append(text)
-        log.log(level, "%s", text)
+        emit(level, "%s", text)
 
     def update(self, section: str, values: dict[str, Any]) -> None:
         merged = {**self.data.get(section, {}), **_jsonable(values)}
@@ -138,6 +124,8 @@ class Report:
         return 2 if self.data.get("batch") else 1 if self.data.get("precision") else 0
 
     def as_dict(self) -> dict[str, Any]:
+        import json  # only a process that reads or writes its report pays for it
+
         return json.loads(json.dumps(self.document()))
 
     def write(self, always: bool = False) -> None:
@@ -159,7 +147,7 @@ class Report:
         except (OSError, TypeError, ValueError) as error:
             if not self._write_failed:
                 self._write_failed = True
-                log.warning("cannot write the report to %s (%s); the run goes on without it", self.path, error)
+                emit(WARNING, "cannot write the report to %s (%s); the run goes on without it", self.path, error)
 
 
 def new_run_id() -> str:
@@ -204,6 +192,8 @@ def merge_reports(on_disk: dict[str, Any] | None, own: dict[str, Any]) -> dict[s
 
 
 def read_report(path: str) -> dict[str, Any] | None:
+    import json
+
     try:
         with open(path, encoding="utf-8") as stream:
             document = json.load(stream)
@@ -222,6 +212,7 @@ def write_json(path: str, document: Any) -> None:
     """Write JSON to path whole or not at all (write, then rename), created like any output file: the user's umask
     decides its mode."""
     import _thread
+    import json
 
     temporary = _temporary_name(path, str(_thread.get_ident()))
     if os.path.lexists(temporary):

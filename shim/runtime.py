@@ -9,7 +9,6 @@ docs/architecture.md draws the path of one run through these.
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import sys
 
@@ -19,7 +18,8 @@ from mps_shim.errors import PlanReached, ShimConfigError
 from mps_shim.hooks import when_imported
 from mps_shim.precision import PrecisionState
 from mps_shim.registry import Registry
-from mps_shim.report import Report, configure_logging
+from mps_shim.log import WARNING, set_level
+from mps_shim.report import Report
 
 TYPE_CHECKING = False  # typing itself is not imported: `import mps_shim` runs at the start of every process
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class Runtime:
         self.report.change(f"environment {variable}", None, value, reason)
 
     def start(self) -> None:
-        configure_logging(self.options.log_level)
+        set_level(self.options.log_level)
         if self.on_mac:
             self._set_before_torch(FALLBACK_VARIABLE, "1", "ops MPS lacks run on the CPU instead of stopping the run")
             self.budget.before_torch()  # the watermarks, before torch's allocator reads them
@@ -94,7 +94,7 @@ class Runtime:
         if os.environ.get(variable) is not None:
             return  # the user's own setting wins
         if "torch" in sys.modules:
-            self.report.note(f"{variable} not set: torch was imported before mps_shim ({reason})", logging.WARNING)
+            self.report.note(f"{variable} not set: torch was imported before mps_shim ({reason})", WARNING)
             return
         self.set_environment(variable, value, reason)
 
@@ -118,8 +118,6 @@ class Runtime:
 
     def _watch_mps(self, torch: Any, release: str) -> None:
         """CPU fallbacks counted (shim/fallbacks.py); the known silent wrong-result bugs of this torch said once."""
-        import logging
-
         from mps_shim.fallbacks import FallbackWatch
         from mps_shim.known_bugs import warning_line
 
@@ -127,7 +125,7 @@ class Runtime:
         self.fallbacks.install(torch)
         bugs = warning_line(release)
         if bugs:
-            self.report.note(bugs, logging.WARNING)
+            self.report.note(bugs, WARNING)
 
     def reach_training(self, fits: bool = True) -> None:
         """Trainer.train is about to train (fits) or its memory plan failed (not fits). Under `mps-shim plan` the plan
@@ -139,7 +137,7 @@ class Runtime:
             return
         self._print_plan()
         if fits:
-            raise PlanReached("mps-shim plan: training would start here; nothing was trained")
+            raise PlanReached("training would start here; the plan is above, nothing was trained")
 
     def _print_plan(self, ending: str | None = None) -> None:
         from mps_shim.report import render_plan
@@ -214,7 +212,7 @@ def deactivate() -> None:
 
 
 def report() -> dict[str, Any]:
-    """The report as it stands now (interface.md section 5)."""
+    """The report as it stands now (its keys: docs/user-contract.md)."""
     if _runtime is None:
         inactive = Report(None)
         inactive.set_active(False)

@@ -22,13 +22,13 @@ modelled, so the driver's total is live + cached + other rather than a sum of he
 """
 from __future__ import annotations
 
-import logging
 import re
 import struct
 import weakref
 
 from mps_shim.budget import HIGH_UPPER_BOUND, HIGH_WATERMARK, TORCH_DEFAULT_HIGH, TORCH_DEFAULT_LOW
 from mps_shim.capabilities import max_buffer_length
+from mps_shim.log import INFO
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -207,7 +207,7 @@ class SimulatedMemory:
                 f"Use {HIGH_WATERMARK}=0.0 to disable upper limit for memory allocations "
                 "(may cause system failure)."
             )
-        self.report.event("simulated_oom", text, level=logging.INFO)  # whoever catches it decides what it means
+        self.report.event("simulated_oom", text, level=INFO)  # whoever catches it decides what it means
         return RuntimeError(text)
 
 

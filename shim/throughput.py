@@ -11,8 +11,9 @@ drive it without sleeping.
 """
 from __future__ import annotations
 
-import logging
 import time
+
+from mps_shim.log import WARNING
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class Throughput:
             why = None if self.warned else throttled(self.rates)
             if why:
                 self.warned = True
-                self.report.event("throughput_drop", why, step=step, level=logging.WARNING)
+                self.report.event("throughput_drop", why, step=step, level=WARNING)
 
     def end(self, step: int | None = None) -> None:
         """Training ended: count the last step, put the run's figures in the report."""
