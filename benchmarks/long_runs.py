@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 SIMULATE = "macos=15.1,torch=2.13,memory=16GiB"
-GRAPH_ENTRY = 55 * 1024
+GRAPH_ENTRY = 55_000
 VOCAB = 2048
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -97,8 +97,7 @@ def one_run(buckets, steps, dataset):
     original = shapes.MAX_BUCKETS
     shapes.MAX_BUCKETS = buckets
     mps_shim.deactivate()
-    mps_shim.activate(simulate=SIMULATE, precision="fp32", log_level="quiet")
-    mps_shim.runtime.current().simulator.memory.graph_entry_bytes = GRAPH_ENTRY
+    mps_shim.activate(simulate=f"{SIMULATE},graph_entry={GRAPH_ENTRY}", precision="fp32", log_level="quiet")
     watch = Watch()
     try:
         with tempfile.TemporaryDirectory() as output:
@@ -139,7 +138,7 @@ def main():
     results = {"bucketed": one_run(shapes.MAX_BUCKETS, options.steps, dataset),
                "unbucketed": one_run(0, options.steps, dataset)}
     b, u = results["bucketed"], results["unbucketed"]
-    print(f"{options.steps} steps of 4 sequences of 16-256 tokens, graph entries at {GRAPH_ENTRY // 1024} KB "
+    print(f"{options.steps} steps of 4 sequences of 16-256 tokens, graph entries at {GRAPH_ENTRY // 1000} KB "
           f"(buckets: {b['buckets']})")
     print("| measurement | with buckets | without | ratio |")
     print("|---|---|---|---|")

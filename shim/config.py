@@ -42,8 +42,9 @@ _SIZE_ACCEPTED = "use bytes or a number with KB/MB/GB/TB or KiB/MiB/GiB/TiB, e.g
 
 
 # Named tuples rather than dataclasses: this module is imported at the start of every shimmed process.
-SimulationProfile = namedtuple("SimulationProfile", "macos torch memory_bytes")
-SimulationProfile.__doc__ = "The Mac that MPS_SHIM_SIMULATE describes."
+SimulationProfile = namedtuple("SimulationProfile", "macos torch memory_bytes graph_entry_bytes", defaults=(0,))
+SimulationProfile.__doc__ = """The Mac that MPS_SHIM_SIMULATE describes. `graph_entry_bytes` (key `graph_entry`): the
+driver memory of one cached MPS graph, 0 (not modelled) unless given (docs/mps-facts.md, "Long runs")."""
 
 Options = namedtuple(
     "Options", "precision memory_limit simulate report log_level sources",
@@ -130,7 +131,7 @@ def parse_simulation(value, source: str, installed_torch: str | None = None) -> 
         for item in text.split(","):
             key, sep, item_value = item.partition("=")
             key, item_value = key.strip().lower(), item_value.strip()
-            if not sep or key not in ("macos", "torch", "memory") or not item_value:
+            if not sep or key not in ("macos", "torch", "memory", "graph_entry") or not item_value:
                 raise ShimConfigError(f"{source}={value!r} is not a simulation profile; {_PROFILE_ACCEPTED}")
             if key in given:
                 raise ShimConfigError(f"{source}={value!r} gives {key} twice; give each of macos, torch, memory once")
@@ -150,7 +151,9 @@ def parse_simulation(value, source: str, installed_torch: str | None = None) -> 
     )
     if problem:
         raise ShimConfigError(f"{source}={value!r} describes no real Mac: {problem}")
-    return SimulationProfile(macos=fields["macos"], torch=fields["torch"], memory_bytes=memory)
+    graph_entry = parse_size(given["graph_entry"], f"{source} graph_entry") if "graph_entry" in given else 0
+    return SimulationProfile(macos=fields["macos"], torch=fields["torch"], memory_bytes=memory,
+                             graph_entry_bytes=graph_entry)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -260,6 +263,10 @@ def load_options(environ: Mapping[str, str] = os.environ, *, flags: bool = False
     return Options(**values, sources=sources)
 
 
+def _graph_entry_text(profile: SimulationProfile) -> str:
+    return f",graph_entry={profile.graph_entry_bytes}" if profile.graph_entry_bytes else ""
+
+
 def to_environ(options: Options) -> dict[str, str]:
     """The environment that makes a child process load the same options (used by the prefix command). Every
     variable is set, so a value the command line replaced or switched off does not reach the child; and every
@@ -274,6 +281,6 @@ def to_environ(options: Options) -> dict[str, str]:
         ENV["log_level"]: options.log_level,
         ENV["memory_limit"]: "" if options.memory_limit is None else str(options.memory_limit),
         ENV["simulate"]: "0" if profile is None else f"macos={profile.macos},torch={profile.torch},"
-        f"memory={profile.memory_bytes}",
+        f"memory={profile.memory_bytes}" + _graph_entry_text(profile),
         ENV["report"]: "" if options.report is None else os.path.abspath(options.report),
     }

@@ -28,7 +28,8 @@ peft = pytest.importorskip("peft")
 
 SIMULATE = "macos=15.1,torch=2.13,memory=16GiB"
 VOCAB = 256
-GRAPH_ENTRY = 55 * 1024
+GRAPH_ENTRY = 55_000  # bytes of one cached MPS graph (docs/mps-facts.md, "Long runs")
+CREEP = f"{SIMULATE},graph_entry=55KB"
 
 
 class Samples(torch.utils.data.Dataset):
@@ -90,10 +91,9 @@ def shim(monkeypatch):
     for variable in ("MPS_SHIM_PLAN_ONLY", "MPS_SHIM_REPORT", "MPS_SHIM_MEMORY_LIMIT", "MPS_SHIM_SIMULATE"):
         monkeypatch.delenv(variable, raising=False)
 
-    def start(limit=None, graph_entry=0, simulate=SIMULATE):
+    def start(limit=None, simulate=SIMULATE):
         mps_shim.deactivate()
         mps_shim.activate(simulate=simulate, memory_limit=limit, precision="fp32", log_level="quiet")
-        mps_shim.runtime.current().simulator.memory.graph_entry_bytes = graph_entry
 
     yield start
     mps_shim.deactivate()
@@ -118,8 +118,21 @@ def losses(trainer):
 # -- the simulated graph cache ----------------------------------------------------------------------------------------
 
 
+def test_the_graph_entry_cost_is_a_profile_setting_off_by_default(shim):
+    from mps_shim.config import load_options, parse_simulation, to_environ
+
+    assert parse_simulation(SIMULATE, "MPS_SHIM_SIMULATE").graph_entry_bytes == 0
+    options = load_options({"MPS_SHIM_SIMULATE": CREEP})
+    assert options.simulate.graph_entry_bytes == GRAPH_ENTRY
+    assert load_options({"MPS_SHIM_SIMULATE": to_environ(options)["MPS_SHIM_SIMULATE"]}).simulate == options.simulate
+    shim(simulate=CREEP)
+    assert mps_shim.runtime.current().simulator.memory.graph_entry_bytes == GRAPH_ENTRY
+    shim()
+    assert mps_shim.runtime.current().simulator.memory.graph_entry_bytes == 0
+
+
 def test_each_new_op_signature_costs_driver_memory_that_empty_cache_keeps(shim):
-    shim(graph_entry=1000)
+    shim(simulate=f"{SIMULATE},graph_entry=1000")
     runtime = mps_shim.runtime.current()
     simulator = runtime.simulator
     runtime.place(torch.nn.Linear(4, 4))
@@ -223,8 +236,7 @@ def creep_runs(tmp_path_factory):
     runs = {}
     for name, buckets in (("bucketed", shapes.MAX_BUCKETS), ("unbucketed", 0)):
         mps_shim.deactivate()
-        mps_shim.activate(simulate=SIMULATE, precision="fp32", log_level="quiet")
-        mps_shim.runtime.current().simulator.memory.graph_entry_bytes = GRAPH_ENTRY
+        mps_shim.activate(simulate=CREEP, precision="fp32", log_level="quiet")
         original, shapes.MAX_BUCKETS = shapes.MAX_BUCKETS, buckets
         watch = DriverWatch()
         try:
