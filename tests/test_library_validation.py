@@ -31,7 +31,7 @@ def mac_on_macos_13(monkeypatch):
 
 @pytest.fixture
 def shim():
-    mps_shim.activate(simulate="macos=13.6,torch=2.9,memory=16GiB")
+    mps_shim.activate(simulate="macos=13.6,torch=2.8,memory=16GiB")  # the newest torch with MPS on macOS 13
     yield
     mps_shim.deactivate()
 
