@@ -116,55 +116,51 @@ def test_a_left_padding_tokenizer_pads_right_for_training_where_the_bug_applies(
     assert ("tokenizer.padding_side" in targets) is changed
 
 
+# A script under the simulated torch 2.7 (affected) with a left-padding tokenizer and the tiny model loaded; argv[1]
+# is the model folder, argv[2] the output folder.
+LEFT_PADDED_TORCH_2_7 = (
+    "import json, sys\n"
+    "import mps_shim\n"
+    "mps_shim.activate(simulate='macos=14.5,torch=2.7')\n"
+    "from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, "
+    "TrainingArguments\n"
+    "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], padding_side='left')\n"
+    "tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token\n"
+    "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+    "collator = DataCollatorForSeq2Seq(tokenizer=tokenizer)\n"
+)
+
+
+def last_json_of(code: str, tiny_model_dir, tmp_path):
+    import sys
+
+    result = run([sys.executable, "-c", code, tiny_model_dir, tmp_path / "out"],
+                 env=clean_env(MPS_SHIM_LOG_LEVEL="quiet"), check=True)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 def test_a_trainer_with_a_left_padding_collator_is_padded_right(tiny_model_dir, tmp_path):
-    # What a Trainer patch calls before training: the collator's tokenizer (DataCollatorForSeq2Seq, as the example).
-    code = (
-        "import json, sys\n"
-        "import mps_shim\n"
-        "mps_shim.activate(simulate='macos=14.5,torch=2.7')\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, "
-        "TrainingArguments\n"
+    # What the Trainer patch calls before training: the collator's tokenizer (DataCollatorForSeq2Seq, as the example).
+    code = LEFT_PADDED_TORCH_2_7 + (
         "from mps_shim.padding import pad_trainer_right\n"
         "from mps_shim.runtime import current\n"
-        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], padding_side='left')\n"
-        "tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token\n"
-        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
-        "collator = DataCollatorForSeq2Seq(tokenizer=tokenizer)\n"
         "trainer = Trainer(model=model, args=TrainingArguments(sys.argv[2], report_to=[]), data_collator=collator)\n"
         "changed = pad_trainer_right(trainer, current())\n"
         "batch = collator([{'input_ids': [5, 6, 7], 'labels': [5, 6, 7]}, {'input_ids': [5], 'labels': [5]}])\n"
         "print(json.dumps([changed, batch['attention_mask'].tolist(), batch['labels'].tolist()]))\n"
     )
-    import sys
-
-    result = run([sys.executable, "-c", code, tiny_model_dir, tmp_path / "out"],
-                 env=clean_env(MPS_SHIM_LOG_LEVEL="quiet"), check=True)
-    changed, mask, labels = json.loads(result.stdout.splitlines()[-1])
+    changed, mask, labels = last_json_of(code, tiny_model_dir, tmp_path)
     assert changed is True
     assert mask == [[1, 1, 1], [1, 0, 0]] and labels[1] == [5, -100, -100]  # padded on the right
 
 
 def test_training_on_an_affected_torch_pads_the_collator_right_before_the_first_step(tiny_model_dir, tmp_path):
     # The Trainer patch makes that call itself: a left-padding collator under torch 2.7 trains right-padded.
-    code = (
-        "import json, sys\n"
-        "import mps_shim\n"
-        "mps_shim.activate(simulate='macos=14.5,torch=2.7')\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, "
-        "TrainingArguments\n"
-        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], padding_side='left')\n"
-        "tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token\n"
-        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+    code = LEFT_PADDED_TORCH_2_7 + (
         "data = [{'input_ids': [5, 6, 7, 8][:n], 'labels': [5, 6, 7, 8][:n]} for n in (1, 4, 2, 3)]\n"
         "args = TrainingArguments(sys.argv[2], report_to=[], max_steps=1, per_device_train_batch_size=4)\n"
-        "trainer = Trainer(model=model, args=args, train_dataset=data,\n"
-        "                  data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer))\n"
-        "trainer.train()\n"
+        "Trainer(model=model, args=args, train_dataset=data, data_collator=collator).train()\n"
         "print(json.dumps([tokenizer.padding_side, [c['target'] for c in mps_shim.report()['changes']]]))\n"
     )
-    import sys
-
-    result = run([sys.executable, "-c", code, tiny_model_dir, tmp_path / "out"],
-                 env=clean_env(MPS_SHIM_LOG_LEVEL="quiet"), check=True)
-    side, targets = json.loads(result.stdout.splitlines()[-1])
+    side, targets = last_json_of(code, tiny_model_dir, tmp_path)
     assert side == "right" and "tokenizer.padding_side" in targets
