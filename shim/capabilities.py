@@ -141,6 +141,14 @@ def recommended_working_set(memory_total_bytes: int) -> int:
     return memory_total_bytes * 84 // 100
 
 
+def mac_memory(size_bytes: int) -> int:
+    """A Mac's unified memory as sold: Apple's "16 GB" is 16 GiB, so a whole number of decimal GB means that many GiB
+    (used wherever a size names a Mac, not a limit)."""
+    if size_bytes % 10**9 == 0 and size_bytes % 2**30:
+        return size_bytes // 10**9 * 2**30
+    return size_bytes
+
+
 def max_buffer_length(memory_total_bytes: int) -> int:
     """Approximate Metal `maxBufferLength`, the largest single buffer ("Invalid buffer size" past it): about half of
     RAM on Apple silicon (docs/mps-facts.md)."""

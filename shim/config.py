@@ -119,7 +119,7 @@ def parse_simulation(value, source: str, installed_torch: str | None = None) -> 
     for a modern Mac, '0' (or another spelling of off) for none. Only a Mac that exists is accepted."""
     import re
 
-    from mps_shim.capabilities import check_mac
+    from mps_shim.capabilities import check_mac, mac_memory
 
     text = value.strip() if isinstance(value, str) else None
     if text is None:
@@ -145,7 +145,7 @@ def parse_simulation(value, source: str, installed_torch: str | None = None) -> 
         origin = f"the installed torch {installed_torch}" if installed_torch else "torch"
     else:
         origin = f"torch={fields['torch']}"
-    memory = parse_size(fields["memory"], f"{source} memory")
+    memory = mac_memory(parse_size(fields["memory"], f"{source} memory"))  # memory=16GB: the 16 GB Mac, 16 GiB
     problem = _impossible_mac(fields["macos"], fields["torch"], origin, fields["memory"], memory) or check_mac(
         fields["torch"], fields["macos"]
     )

@@ -40,17 +40,15 @@ LoraFacts.__doc__ = "The LoRA part of the trainables (what a smaller rank shrink
 
 
 def parse_mac_sizes(value: str, source: str) -> tuple[int, ...]:
-    """'8GB,16GB,24GiB' -> Mac memory sizes in bytes. A Mac sold as 16GB has 16 GiB, so a whole number of decimal GB
-    means that many GiB. Sizes no Apple-silicon Mac has (shim/capabilities.py) are refused like a bad size."""
-    from mps_shim.capabilities import MAC_MEMORY_LARGEST, MAC_MEMORY_SMALLEST
+    """'8GB,16GB,24GiB' -> Mac memory sizes in bytes, as sold (capabilities.mac_memory: 16GB is 16 GiB). Sizes no
+    Apple-silicon Mac has (shim/capabilities.py) are refused like a bad size."""
+    from mps_shim.capabilities import MAC_MEMORY_LARGEST, MAC_MEMORY_SMALLEST, mac_memory
     from mps_shim.config import parse_size
     from mps_shim.errors import ShimConfigError
 
     sizes = []
     for part in str(value).split(","):
-        size = parse_size(part.strip(), source)
-        if size % 10**9 == 0 and size % GIB:
-            size = size // 10**9 * GIB
+        size = mac_memory(parse_size(part.strip(), source))
         if not MAC_MEMORY_SMALLEST <= size <= MAC_MEMORY_LARGEST:
             raise ShimConfigError(
                 f"{source}={value!r}: {part.strip()} is no Mac's memory; Apple-silicon Macs have 8 GB to 512 GB"

@@ -263,3 +263,13 @@ def test_import_with_a_bad_variable_raises_with_a_short_traceback():
         "mps_shim.errors.ShimConfigError: precision='bf17' is not accepted; use one of auto, bf16, fp16, fp32"
     )
     assert len(frames) == 2 and frames[1].endswith("in activate"), raised.stderr
+
+
+def test_a_mac_named_in_decimal_gigabytes_is_that_mac():
+    # Apple's "16 GB" Mac has 16 GiB: the simulated Mac and the sizing table read a Mac's size the same way.
+    from mps_shim.sizing import parse_mac_sizes
+
+    assert parse_simulation("memory=16GB", "MPS_SHIM_SIMULATE").memory_bytes == 16 * 2**30
+    assert parse_mac_sizes("16GB", "--mac-sizes") == (16 * 2**30,)
+    assert parse_simulation("memory=12000000000", "MPS_SHIM_SIMULATE").memory_bytes == 12 * 2**30
+    assert load_options({}, memory_limit="12GB").memory_limit == 12 * 10**9  # a limit stays what it says
