@@ -25,7 +25,8 @@ class ContiguousSdpaPatch(Patch):
         self.wrap(module.nn.functional, "scaled_dot_product_attention", self._sdpa)
         self.runtime.report.change(
             "torch.nn.functional.scaled_dot_product_attention", "q/k/v as given", "q/k/v contiguous",
-            f"MPS SDPA (sdpa_vector) is wrong for non-contiguous inputs in torch 2.8-2.11 (torch {self.runtime.facts.torch})",
+            "MPS SDPA (sdpa_vector) is wrong for non-contiguous inputs in torch 2.8-2.11 "
+            f"(torch {self.runtime.facts.torch})",
         )
 
     def _sdpa(self, wrapped, instance, args, kwargs):

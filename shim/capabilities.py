@@ -26,7 +26,9 @@ MAC_MEMORY_LARGEST = 512 * 2**30
 # (a macOS 12.3 one up to 2.4, a macOS 13 one in 2.5-2.8, a macOS 14 one in 2.9-2.14; 2.15 probes none and its wheels
 # need macOS 14), although 2.9-2.11 still install on macOS 11+. The texts say "12.3+" up to 2.5 and "15.0+" in 2.15:
 # what the device constructor checks decides (evidence/torch-macos.json).
-MPS_MACOS_FLOOR = ((Version("2.9"), Version("14.0")), (Version("2.5"), Version("13.0")), (Version("0"), Version("12.3")))
+MPS_MACOS_FLOOR = (
+    (Version("2.9"), Version("14.0")), (Version("2.5"), Version("13.0")), (Version("0"), Version("12.3")),
+)
 MPS_MIN_MACOS = Version("12.3")
 # torch releases whose Mac wheels need macOS 14 to install (macosx_14_0_arm64 from 2.12.0 on).
 TORCH_NEEDS_MACOS_14 = Version("2.12")
@@ -93,7 +95,8 @@ def autocast_refusal(torch_version: str, macos: str, dtype: str) -> tuple[str, s
         if torch_release < _v("2.10"):
             return ("warning", unsupported + "MPS Autocast only supports dtype of torch.bfloat16 and torch.float16 "
                     "currently.")
-        return ("warning", unsupported + "MPS Autocast only supports dtypes of torch.bfloat16, torch.float16 currently.")
+        return ("warning", unsupported + "MPS Autocast only supports dtypes of torch.bfloat16, torch.float16 "
+                "currently.")
     if dtype == "bf16" and torch_release < _v("2.10") and _release(macos) < _v("14.0"):
         return (
             "warning",

@@ -162,8 +162,8 @@ def measured_transient(calibration: Calibration, facts: ModelFacts, batch: int) 
 
 
 Estimate = namedtuple("Estimate", "total parts micro_batch seq calibrated phase")
-Estimate.__doc__ = """An estimated peak: total bytes and its parts by name (bytes; they add up to total), for micro_batch
-sequences of seq tokens; calibrated: whether the training transient was measured on the device; phase: the moment of
+Estimate.__doc__ = """An estimated peak: total bytes and its parts by name (bytes; they add up to total), for
+micro_batch sequences of seq tokens; calibrated: whether the training transient was measured on the device; phase: the moment of
 the peak ("training", "optimizer_step" or "evaluation")."""
 
 

@@ -64,7 +64,7 @@ class MemoryGuard:
             setattr(trainer, STATE, guard)
         return guard
 
-    # -- around train() -------------------------------------------------------------------------------------------------
+    # -- around train() ----------------------------------------------------------------------------------------------
 
     def before_train(self, trainer: Any) -> None:
         """The preflight (may change the model, or raise MemoryPlanError), then the gradient hooks recovery needs."""
@@ -161,7 +161,10 @@ class MemoryGuard:
         )
         # Rows still waiting in bigger pieces would run out of memory the same way: split them now.
         waiting = [Piece(piece.start, piece.start + half, done), Piece(piece.start + half, piece.stop, done), *pending]
-        return [smaller for each in waiting for smaller in pieces(each.start, each.rows, self.micro_batch, each.excluded)]
+        return [
+            smaller for each in waiting
+            for smaller in pieces(each.start, each.rows, self.micro_batch, each.excluded)
+        ]
 
     def weight_loss(self, trainer: Any, result: Any, num_items: Any) -> Any:
         """compute_loss's result for the piece running now, weighted by its share of the batch."""
@@ -204,7 +207,7 @@ class MemoryGuard:
     def after_evaluate(self) -> None:
         self._empty_cache()  # evaluation's shapes are not training's: give the cache back once
 
-    # -- the cache and the logs -----------------------------------------------------------------------------------------
+    # -- the cache and the logs --------------------------------------------------------------------------------------
 
     def _empty_cache(self) -> None:
         self.device.empty_cache()

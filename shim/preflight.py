@@ -87,7 +87,9 @@ class Preflight:
         self.facts = model_facts(trainer.model)
         self.initial_facts = self.facts  # before any rung: what `mps-shim plan`'s table of Mac sizes starts from
         self.calibrations: dict[bool, Calibration] = {}  # by gradient checkpointing, for that table
-        self.memory = {"budget_bytes": budget, "usable_bytes": usable, "headroom": HEADROOM, "longest_sequence": self.seq}
+        self.memory = {
+            "budget_bytes": budget, "usable_bytes": usable, "headroom": HEADROOM, "longest_sequence": self.seq,
+        }
 
     def estimate(self, calibration: Calibration | None, batch: int, seq: int | None = None):
         return estimate_peak(
@@ -179,7 +181,8 @@ class Preflight:
         if measured is None:
             return Calibration({}, analytic, facts.checkpointing), True
         points = {1: measured}
-        if self.per_device >= 2 and self.estimate(Calibration(dict(points), analytic, facts.checkpointing), 2).total <= self.usable:
+        one_point = Calibration(dict(points), analytic, facts.checkpointing)
+        if self.per_device >= 2 and self.estimate(one_point, 2).total <= self.usable:
             try:
                 measured = self._measure(2)
             except Exception:
@@ -205,7 +208,8 @@ class Preflight:
             parameter.grad = None
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (batch, self.seq), generator=generator)
-        inputs = trainer._prepare_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        synthetic = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        inputs = trainer._prepare_inputs(synthetic)
         device.empty_cache()
         base = device.in_use()
         device.reset_peak()

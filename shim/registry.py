@@ -170,7 +170,8 @@ class Registry:
             report.record_patch(patch.name, f"skipped: {error}")
             reason = "target moved" if isinstance(error, TargetMoved) else type(error).__name__
             report.note(
-                f"patch {patch.name} skipped on {patch.distribution} {installed or '(version unknown)'}: {reason}: {error}",
+                f"patch {patch.name} skipped on {patch.distribution} {installed or '(version unknown)'}: "
+                f"{reason}: {error}",
                 level=WARNING,
             )
 
