@@ -57,7 +57,7 @@ def _v(text: str) -> Version:
     return Version(text)
 
 
-def _release(text: str) -> Version:
+def major_minor(text: str) -> Version:
     """Major.minor of a version string ('2.13.0+cpu' -> 2.13), the granularity of every row of the table."""
     parsed = Version(text)
     return Version(f"{parsed.major}.{parsed.minor}")
@@ -65,12 +65,12 @@ def _release(text: str) -> Version:
 
 def bf16_tensor_error(torch_version: str, macos: str) -> str | None:
     """The exact TypeError text MPS gives for a bf16 tensor, or None where bf16 tensors work (docs/mps-facts.md)."""
-    torch_release = _release(torch_version)
+    torch_release = major_minor(torch_version)
     if torch_release < _v("2.1"):
         return "Trying to convert BFloat16 to the MPS backend but it does not have support for that dtype."
     if torch_release < _v("2.3"):
         return "BFloat16 is not supported on MPS"
-    if _release(macos) < _v("14.0"):
+    if major_minor(macos) < _v("14.0"):
         return "MPS BFloat16 is only supported on MacOS 14 or newer"
     return None
 
@@ -82,7 +82,7 @@ def autocast_refusal(torch_version: str, macos: str, dtype: str) -> tuple[str, s
     autocast is disabled. dtype is "fp16", "bf16" or "fp32". Before 2.10 these checks run even with enabled=False
     (`autocast_checks_when_disabled`).
     """
-    torch_release = _release(torch_version)
+    torch_release = major_minor(torch_version)
     if torch_release < _v("2.5"):
         return ("error", "User specified an unsupported autocast device_type 'mps'")
     unsupported = "In MPS autocast, but the target dtype is not supported. Disabling autocast.\n"
@@ -97,7 +97,7 @@ def autocast_refusal(torch_version: str, macos: str, dtype: str) -> tuple[str, s
                     "currently.")
         return ("warning", unsupported + "MPS Autocast only supports dtypes of torch.bfloat16, torch.float16 "
                 "currently.")
-    if dtype == "bf16" and torch_release < _v("2.10") and _release(macos) < _v("14.0"):
+    if dtype == "bf16" and torch_release < _v("2.10") and major_minor(macos) < _v("14.0"):
         return (
             "warning",
             "In MPS autocast, but the target dtype torch.bfloat16 is not supported on macOS versions below 14. "
@@ -109,12 +109,12 @@ def autocast_refusal(torch_version: str, macos: str, dtype: str) -> tuple[str, s
 def autocast_checks_when_disabled(torch_version: str) -> bool:
     """Whether torch.autocast("mps", enabled=False) still raises or warns as `autocast_refusal` says (before 2.10,
     where the device and dtype checks come before `enabled` is read)."""
-    return _release(torch_version) < _v("2.10")
+    return major_minor(torch_version) < _v("2.10")
 
 
 def mps_capabilities(torch_version: str, macos: str) -> MpsCapabilities:
     """The capability row for one torch release on one macOS version."""
-    torch_release = _release(torch_version)
+    torch_release = major_minor(torch_version)
     autocast_dtypes = tuple(d for d in ("bf16", "fp16") if autocast_refusal(torch_version, macos, d) is None)
     bf16_error = bf16_tensor_error(torch_version, macos)
     return MpsCapabilities(
@@ -160,16 +160,16 @@ def max_buffer_length(memory_total_bytes: int) -> int:
 
 def mps_macos_floor(torch_version: str) -> Version:
     """The oldest macOS on which this torch release's MPS finds a device."""
-    torch_release = _release(torch_version)
+    torch_release = major_minor(torch_version)
     return next(floor for since, floor in MPS_MACOS_FLOOR if torch_release >= since)
 
 
 def check_mac(torch_version: str, macos: str) -> str | None:
     """Why this torch/macOS pair cannot be a Mac with MPS, or None."""
-    macos_release = _release(macos)
+    macos_release = major_minor(macos)
     if macos_release < MPS_MIN_MACOS:
         return f"MPS needs macOS {MPS_MIN_MACOS} or newer, not {macos}"
-    if _release(torch_version) >= TORCH_NEEDS_MACOS_14 and macos_release < _v("14.0"):
+    if major_minor(torch_version) >= TORCH_NEEDS_MACOS_14 and macos_release < _v("14.0"):
         return f"torch {torch_version} installs only on macOS 14 or newer (its wheels are macosx_14_0_arm64)"
     floor = mps_macos_floor(torch_version)
     if macos_release < floor:

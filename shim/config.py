@@ -190,12 +190,9 @@ def _release_of(version: str | None) -> str | None:
 
 def _installed_torch_version() -> str | None:
     # The simulated torch defaults to the installed one; read its metadata, never import it.
-    from importlib.metadata import PackageNotFoundError, version
+    from mps_shim.versions import installed_version
 
-    try:
-        return version("torch")
-    except PackageNotFoundError:
-        return None
+    return installed_version("torch")
 
 
 def _simulation(value, source: str):

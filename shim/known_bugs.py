@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from packaging.version import Version
 
+from mps_shim.capabilities import major_minor
+
 
 @dataclass(frozen=True)
 class KnownBug:
@@ -25,7 +27,7 @@ class KnownBug:
     short_shim: str  # the same in a few words, for the one-line warning
 
     def affects(self, torch_version: str) -> bool:
-        release = _release(torch_version)
+        release = major_minor(torch_version)
         return Version(self.first) <= release and (self.last is None or release <= Version(self.last))
 
     @property
@@ -85,11 +87,6 @@ KNOWN_BUGS = (
         short_shim="no workaround; open issue",
     ),
 )
-
-
-def _release(version: str) -> Version:
-    parsed = Version(version.split("+")[0])
-    return Version(f"{parsed.major}.{parsed.minor}")
 
 
 def affecting(torch_version: str) -> list[KnownBug]:

@@ -19,6 +19,7 @@ import warnings
 
 from packaging.version import Version
 
+from mps_shim.capabilities import major_minor
 from mps_shim.cpu_fallback_ops import FALLBACKS
 
 TYPE_CHECKING = False
@@ -33,8 +34,7 @@ WARNING = (
 
 def fallback_ops(torch_release: str) -> dict[str, str]:
     """{op as dispatched: op as the warning names it} for the ops with no MPS kernel in this torch release."""
-    parsed = Version(torch_release)
-    release = Version(f"{parsed.major}.{parsed.minor}")
+    release = major_minor(torch_release)
     ops = {}
     for (first, last), entries in FALLBACKS.items():
         if Version(first) <= release <= Version(last):
