@@ -121,9 +121,12 @@ class MemoryBudget:
         recommended = recommended_without_torch(facts)
         if recommended is None:
             return
-        budget = options.memory_limit or recommended
-        if facts is not None and facts.memory_total_bytes:
-            budget = min(budget, facts.memory_total_bytes)
+        if facts is not None:  # the simulated Mac: the same decision enforce() makes, capped at its memory
+            from mps_shim.plan import memory_budget
+
+            budget = memory_budget(facts, options.memory_limit)[0]
+        else:
+            budget = options.memory_limit or recommended
         settings, notes = watermark_settings(os.environ, budget, recommended)
         for note in notes:
             runtime.report.note(note, WARNING)
