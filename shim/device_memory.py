@@ -50,7 +50,7 @@ class DeviceMemory:
         """What the allocator holds and would not release before failing: the driver's total less its cache (on a real
         Mac the driver's total itself, the cache being empty right after `empty_cache`)."""
         if self.simulator is not None:
-            return self.simulator.allocated_bytes() + self.simulator.memory.other_bytes
+            return self.simulator.in_use_bytes()
         return self.driver()
 
     def empty_cache(self) -> None:

@@ -151,6 +151,10 @@ class Simulator:
     def driver_bytes(self) -> int:
         return self.memory.driver_bytes()
 
+    def in_use_bytes(self) -> int:
+        """What the allocator holds and would not release before failing: live storages and MPS's own bytes."""
+        return self.memory.allocated_bytes() + self.memory.other_bytes
+
     def reset_peak(self) -> None:
         self.memory.reset_peak()
 
