@@ -40,6 +40,7 @@ bench: $(VENV)/$(DEMO_STACK)/.installed
 # evidence/torch-macos.json from torch's macOS arm64 wheels (about a gigabyte of downloads, cached in out/evidence-wheels/).
 evidence:
 	$(PYTHON) evidence/extract.py
+	$(PYTHON) evidence/fallback_ops.py  # shim/cpu_fallback_ops.py from the same wheels (needs PyYAML)
 
 # torch is pinned in every stack file: pip then takes the CPU build from local disk instead of downloading CUDA.
 $(VENV)/%/.installed: stacks/%.txt stacks/test.txt pyproject.toml setup.py
